@@ -1,0 +1,36 @@
+# Two commands set up everything on a fresh machine (only Python needed):
+#   make demo   - create .venv if missing, install zfnet, run the main job on built-in defaults
+#   make test   - create .venv if missing, install zfnet with dev extras, run the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= out/demo
+# Offline machines: point WEIGHTS (or $$ZFNET_WEIGHTS) at a local copy of torchvision's squeezenet1_1 file.
+# Without either, the published weights are downloaded once by torch.hub.
+WEIGHTS ?= $(or $(ZFNET_WEIGHTS),$(wildcard ../shared/weights/squeezenet1_1.pth),default)
+
+.PHONY: demo test venv dev clean
+
+$(BIN)/zfnet: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# torch is pinned first: on CPU-only machines 2.13.0 is a local wheel; unpinned pulls GBs of CUDA.
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q -e .
+	touch $(BIN)/zfnet
+
+venv: $(BIN)/zfnet
+
+$(VENV)/.dev: $(BIN)/zfnet
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(VENV)/.dev
+
+dev: $(VENV)/.dev
+
+demo: venv
+	$(BIN)/zfnet predict --weights $(WEIGHTS)
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
