@@ -114,7 +114,7 @@ def ten_crop(x: torch.Tensor, size: int = 224) -> torch.Tensor:
     """(C, H, W) -> (10, C, size, size): four corners + centre, then the same flipped (Krizhevsky/Sec. 3)."""
     H, W = x.shape[-2:]
     tops = [(0, 0), (0, W - size), (H - size, 0), (H - size, W - size), ((H - size) // 2, (W - size) // 2)]
-    crops = [x[..., t:t + size, l:l + size] for t, l in tops]
+    crops = [x[..., t:t + size, c:c + size] for t, c in tops]
     crops += [c.flip(-1) for c in crops]
     return torch.stack(crops)
 

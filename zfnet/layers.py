@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -70,22 +70,56 @@ def _arg(args, kwargs, i, name, default):
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
+@dataclass(frozen=True)
+class _Geom:
+    """What the tracker attaches to a tensor: the affine Field (None if not affine) and, per output row and
+    column, the exact inclusive input interval it depends on. Exact boxes matter at borders: a window that
+    reaches into the padding of an intermediate layer sees less of the image than the affine formula says."""
+
+    field: Field | None
+    rows: tuple  # ((lo, hi), ...) one per output row, inclusive input rows
+    cols: tuple
+
+
+def _slide(spans: tuple, n_out: int, k: int, s: int, p: int, d: int = 1) -> tuple:
+    """Input intervals after a window of k taps d apart, stride s, padding p: from the first to the last
+    tap that lands on a real input (taps in the padding see nothing; dilation leaves gaps)."""
+    last = len(spans) - 1
+    out = []
+    for i in range(n_out):
+        first = i * s - p
+        lo = first + d * (-(-max(0, -first) // d))  # first tap >= 0
+        hi = first + d * min(k - 1, (last - first) // d)  # last tap <= last
+        lo, hi = (lo, hi) if lo <= hi else (min(max(first, 0), last),) * 2
+        out.append((spans[lo][0], spans[hi][1]))
+    return tuple(out)
+
+
+def _adaptive(spans: tuple, n_out: int) -> tuple:
+    n = len(spans)
+    return tuple((spans[(i * n) // n_out][0], spans[-(-(i + 1) * n // n_out) - 1][1]) for i in range(n_out))
+
+
+def _union_spans(a: tuple, b: tuple) -> tuple:
+    return tuple((min(x[0], y[0]), max(x[1], y[1])) for x, y in zip(a, b))
+
+
 class _FieldTracker(TorchFunctionMode):
-    """Propagates a Field along every tensor of one forward pass (functional calls included)."""
+    """Propagates geometry along every tensor of one forward pass (functional calls included)."""
 
     _WINDOW_OPS = {"conv2d", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool2d"}
 
     def __init__(self):
         super().__init__()
-        self.fields: dict[int, tuple[torch.Tensor, Field | None]] = {}  # id -> (tensor kept alive, field)
+        self.geoms: dict[int, tuple[torch.Tensor, _Geom | None]] = {}  # id -> (tensor kept alive, geometry)
 
-    def field_of(self, t) -> Field | None | bool:
-        """The tensor's field; None = sees the whole input; False = not derived from the input."""
-        hit = self.fields.get(id(t))
+    def geom_of(self, t) -> _Geom | None | bool:
+        """The tensor's geometry; None = sees the whole input; False = not derived from the input."""
+        hit = self.geoms.get(id(t))
         return False if hit is None or hit[0] is not t else hit[1]
 
-    def set(self, t, field):
-        self.fields[id(t)] = (t, field)
+    def set(self, t, geom):
+        self.geoms[id(t)] = (t, geom)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -93,20 +127,17 @@ class _FieldTracker(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
         inputs += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-        known = [f for f in (self.field_of(t) for t in inputs) if f is not False]
-        if not known:
-            return out
+        known = [g for g in (self.geom_of(t) for t in inputs) if g is not False]
         outs = out if isinstance(out, (tuple, list)) else (out,)
         first = outs[0] if outs and isinstance(outs[0], torch.Tensor) else None
-        if first is None:
+        if not known or first is None:
             return out
         x = args[0] if args else None
-        fx = self.field_of(x) if isinstance(x, torch.Tensor) else False
-        if None in known:
-            field = None
-        elif first.dim() != 4:
-            field = None  # flattened / pooled to a vector: every unit sees everything
-        elif name in self._WINDOW_OPS and fx:
+        gx = self.geom_of(x) if isinstance(x, torch.Tensor) else False
+        geom = None
+        if None in known or first.dim() != 4:
+            geom = None  # flattened / pooled to a vector: every unit sees everything
+        elif name in self._WINDOW_OPS and gx:
             if name == "conv2d":
                 w = _arg(args, kwargs, 1, "weight", None)
                 k = tuple(w.shape[-2:])
@@ -117,38 +148,45 @@ class _FieldTracker(TorchFunctionMode):
                     pad = 0
                 if pad == "same":  # PyTorch puts the odd pixel of 'same' padding at the end
                     pad = tuple((d[i] * (k[i] - 1)) // 2 for i in range(2))
-                field = fx.pooled(k, s, _pair(pad), d)
+                p = _pair(pad)
             else:
                 k = _pair(_arg(args, kwargs, 1, "kernel_size", 1))
                 s = _arg(args, kwargs, 2, "stride", None)
                 s = k if s is None or s == [] or s == () else _pair(s)
                 p = _pair(_arg(args, kwargs, 3, "padding", 0))
                 d = _pair(_arg(args, kwargs, 4, "dilation", 1)) if "max" in name else (1, 1)
-                field = fx.pooled(k, s, p, d)
-        elif name in ("adaptive_avg_pool2d", "adaptive_max_pool2d") and fx:
+            geom = _Geom(gx.field.pooled(k, s, p, d) if gx.field else None,
+                         _slide(gx.rows, first.shape[-2], k[0], s[0], p[0], d[0]),
+                         _slide(gx.cols, first.shape[-1], k[1], s[1], p[1], d[1]))
+        elif name in ("adaptive_avg_pool2d", "adaptive_max_pool2d") and gx:
             h, w = x.shape[-2:]
             oh, ow = first.shape[-2:]
-            if (h, w) == (oh, ow):
-                field = fx
-            elif h % oh == 0 and w % ow == 0 and (oh, ow) != (1, 1):
-                field = fx.pooled((h // oh, w // ow), (h // oh, w // ow), (0, 0))
-            else:
-                field = None  # irregular bins: treat as global (conservative)
-        elif name == "pad" and fx:
+            field = None  # 1x1 output = global; irregular bins: exact boxes only
+            if gx.field and (h, w) == (oh, ow):
+                field = gx.field
+            elif gx.field and h % oh == 0 and w % ow == 0 and (oh, ow) != (1, 1):
+                field = gx.field.pooled((h // oh, w // ow), (h // oh, w // ow), (0, 0))
+            geom = _Geom(field, _adaptive(gx.rows, oh), _adaptive(gx.cols, ow))
+        elif name == "pad" and gx:
             pads = list(_arg(args, kwargs, 1, "pad", ())) + [0, 0, 0, 0]
-            field = Field(fx.jump_y, fx.jump_x, fx.size_y, fx.size_x,
-                          fx.start_y - pads[2] * fx.jump_y, fx.start_x - pads[0] * fx.jump_x)
+            f = gx.field
+            field = f and Field(f.jump_y, f.jump_x, f.size_y, f.size_x,
+                                f.start_y - pads[2] * f.jump_y, f.start_x - pads[0] * f.jump_x)
+            geom = _Geom(field, _slide(gx.rows, first.shape[-2], 1, 1, pads[2]),
+                         _slide(gx.cols, first.shape[-1], 1, 1, pads[0]))
         else:
-            fields = [f for f in known if f is not None]
-            field = fields[0]
-            for f in fields[1:]:
-                field = field.union(f)
-            ref = next(t for t in inputs if self.field_of(t))
-            if ref.dim() != 4 or tuple(ref.shape[-2:]) != tuple(first.shape[-2:]):
-                field = None  # an op we do not model changed the spatial grid: be conservative
+            shape = tuple(first.shape[-2:])
+            same = [g for g, t in zip((self.geom_of(t) for t in inputs), inputs)
+                    if g and t.dim() == 4 and tuple(t.shape[-2:]) == shape]
+            if same and len(same) == len(known):  # elementwise / concat on one grid: union of the branches
+                geom = same[0]
+                for g in same[1:]:
+                    field = geom.field.union(g.field) if geom.field and g.field else None
+                    geom = _Geom(field, _union_spans(geom.rows, g.rows), _union_spans(geom.cols, g.cols))
+            # else: an op we do not model changed the grid: every unit may see everything (conservative)
         for o in outs:
             if isinstance(o, torch.Tensor):
-                self.set(o, field)
+                self.set(o, geom)
         return out
 
 
@@ -162,11 +200,20 @@ class LayerInfo:
     channels: int
     height: int  # 1 for vector layers
     width: int
-    field: Field | None  # None: every unit sees the whole input
+    field: Field | None  # affine geometry (None: global, or not affine)
+    input_size: tuple[int, int] = (224, 224)
+    rows: tuple | None = None  # exact inclusive input rows per output row (None: every unit sees everything)
+    cols: tuple | None = None
 
-    def window(self, y: int, x: int, input_size: tuple[int, int]) -> tuple[int, int, int, int]:
-        """Input box (y0, y1, x0, x1), end-exclusive and clipped to the image, that unit (y, x) sees."""
-        H, W = input_size
+    def window(self, y: int, x: int, input_size: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+        """Input box (y0, y1, x0, x1), end-exclusive and clipped to the image, that unit (y, x) sees.
+
+        Exact: nothing outside the box can change the unit. `input_size` other than the table's falls back
+        to the affine field clipped to that size.
+        """
+        H, W = input_size or self.input_size
+        if (H, W) == tuple(self.input_size) and self.rows is not None:
+            return self.rows[y][0], self.rows[y][1] + 1, self.cols[x][0], self.cols[x][1] + 1
         f = self.field
         if f is None:
             return 0, H, 0, W
@@ -174,9 +221,8 @@ class LayerInfo:
         return max(0, y0), min(H, y0 + f.size_y), max(0, x0), min(W, x0 + f.size_x)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d["field"] = asdict(self.field) if self.field else None
-        return d
+        return {"name": self.name, "kind": self.kind, "index": self.index, "channels": self.channels,
+                "height": self.height, "width": self.width, "field": asdict(self.field) if self.field else None}
 
 
 class LayerTable:
@@ -245,7 +291,8 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
         p = next(model.parameters(), None)
         x = torch.zeros(1, in_channels, *size, device=p.device if p is not None else "cpu",
                         dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
-        tracker.set(x, Field(1, 1, 1, 1, 0, 0))
+        tracker.set(x, _Geom(Field(1, 1, 1, 1, 0, 0), tuple((i, i) for i in range(size[0])),
+                             tuple((i, i) for i in range(size[1]))))
         with torch.no_grad(), tracker:
             model(x)
     finally:
@@ -256,13 +303,14 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
         if name in done:  # a module called twice keeps its first call
             continue
         done.add(name)
-        field = tracker.field_of(out)
-        field = field if field else None
+        geom = tracker.geom_of(out) or None
         if out.dim() == 4:
             c, h, w = out.shape[1:]
         else:
             c, h, w = out.shape[-1] if out.dim() else 1, 1, 1
-        infos.append(LayerInfo(name, type(module).__name__, len(infos), int(c), int(h), int(w), field))
+        infos.append(LayerInfo(name, type(module).__name__, len(infos), int(c), int(h), int(w),
+                               geom.field if geom else None, size, geom.rows if geom else None,
+                               geom.cols if geom else None))
     table = LayerTable(infos, size)
     _TABLE_CACHE[key] = (weakref.ref(model), table)
     return table
@@ -280,7 +328,7 @@ def feature_layers(model: nn.Module, table: LayerTable | None = None) -> list[st
     table = table or layer_table(model)
     acts = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
     kinds = {a.__name__ for a in acts}
-    names = [i.name for i in table if i.kind in kinds and i.height * i.width > 1 and i.field]
+    names = [i.name for i in table if i.kind in kinds and i.height * i.width > 1 and i.rows is not None]
     return names or [i.name for i in table if i.kind == "Conv2d"]
 
 

@@ -29,6 +29,7 @@ class ConvNetConfig:
     norm: str = "after_pool"  # ZFNet normalizes after pooling; AlexNet before; "none" = torchvision
     dropout: float = 0.5  # on fc6 and fc7 (Sec. 3)
     avgpool: bool = False  # torchvision AlexNet's adaptive 6x6 pool, so any input size reaches fc6
+    input_size: int = 224  # fc6's input follows from it; small sizes make CPU-scale runs possible
 
 
 class ConvNet(nn.Module):
@@ -81,7 +82,11 @@ class ConvNet(nn.Module):
         if cfg.avgpool:
             add("avgpool", nn.AdaptiveAvgPool2d((6, 6)))
         add("flatten", nn.Flatten(1))  # (N, 9216)
-        cin = c5 * 6 * 6
+        with torch.no_grad():  # fc6's fan-in for this input size (9216 at 224)
+            x = torch.zeros(1, 3, cfg.input_size, cfg.input_size)
+            for name in order:
+                x = getattr(self, name)(x)
+        cin = x.shape[1]
         for n in (6, 7):
             if keep(n):
                 add(f"fc{n}", nn.Linear(cin, cfg.fc))  # (N, 4096)
@@ -121,14 +126,14 @@ TABLE3_VARIANTS: dict[str, dict] = {
 
 
 def zfnet(num_classes: int = 1000, *, widths=(96, 256, 384, 384, 256), fc: int = 4096, remove=(),
-          dropout: float = 0.5) -> ConvNet:
-    """ZFNet exactly as Fig. 3 (224x224 input); arguments give the Table 3 variants and small widths."""
+          dropout: float = 0.5, input_size: int = 224) -> ConvNet:
+    """ZFNet exactly as Fig. 3 (224x224 input); arguments give the Table 3 variants and small CPU-scale nets."""
     return ConvNet(ConvNetConfig(num_classes=num_classes, widths=tuple(widths), fc=fc,
-                                 remove=tuple(remove), dropout=dropout))
+                                 remove=tuple(remove), dropout=dropout, input_size=input_size))
 
 
 def alexnet(num_classes: int = 1000, *, groups: int = 1, layout: str = "paper", widths=None,
-            fc: int = 4096, remove=(), dropout: float = 0.5) -> ConvNet:
+            fc: int = 4096, remove=(), dropout: float = 0.5, input_size: int = 224) -> ConvNet:
     """AlexNet (Krizhevsky 2012), the paper's baseline.
 
     Args:
@@ -138,10 +143,10 @@ def alexnet(num_classes: int = 1000, *, groups: int = 1, layout: str = "paper", 
     """
     if layout == "torchvision":
         cfg = ConvNetConfig(num_classes, tuple(widths or (64, 192, 384, 256, 256)), (11, 4, 2), (5, 1, 2),
-                            groups, fc, tuple(remove), "none", dropout, avgpool=True)
+                            groups, fc, tuple(remove), "none", dropout, avgpool=True, input_size=input_size)
     elif layout == "paper":
         cfg = ConvNetConfig(num_classes, tuple(widths or (96, 256, 384, 384, 256)), (11, 4, 2), (5, 1, 2),
-                            groups, fc, tuple(remove), "before_pool", dropout)
+                            groups, fc, tuple(remove), "before_pool", dropout, input_size=input_size)
     else:
         raise ValueError(f"layout must be 'paper' or 'torchvision', not {layout!r}")
     return ConvNet(cfg)
