@@ -1,0 +1,530 @@
+"""Occlusion sensitivity (Sec. 4.2, Fig. 7), computed exactly and incrementally.
+
+A grey square slides over the image; for every position we record (b) the total activation of the top
+conv layer's strongest feature map, (d) the probability of the correct class and (e) the most probable
+class; (c) is that feature map's deconvnet projection on the unoccluded image.
+
+Speed (the idea of Krypton, Nakandala et al., SIGMOD 2019): an occluder changes only the units whose
+receptive field it touches. The network is split into a chain of stages (by torch.fx; our models, any
+nn.Sequential, SqueezeNet, ResNet-like nets). The clean activations are computed once; for each stage
+and occluder position only the affected output window is recomputed, from a crop of the (clean +
+changed) stage input that holds exactly that window's dependencies, with the crop origin on the stage's
+stride grid so the arithmetic is the full computation's. Windows of many positions are batched. From
+the first stage that mixes all positions (flatten, linear, global pooling) on, the rest of the network
+runs on full maps. Results equal naive recomputation (and Captum's Occlusion) to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import ZfnetError
+from .layers import Field, Unit, feature_layers, layer_table, run_with_taps, taps
+
+__all__ = ["OcclusionResult", "occlusion", "occluder_boxes", "occluded_outputs", "pixel_attribution",
+           "render_occlusion", "input_to_file", "file_to_input"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Geometry: occluder boxes (Captum's convention) and input pixels <-> pixels of the image file.
+def occluder_boxes(n: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """Occluder extents along one axis: starts 0, stride, ... up to ceil((n-size)/stride)*stride, the last
+    one truncated at the border (exactly Captum's Occlusion positions)."""
+    if size < 1 or stride < 1:
+        raise ZfnetError(f"occluder size and stride must be >= 1 (got size {size}, stride {stride})")
+    if size > n:
+        raise ZfnetError(f"occluder size {size} exceeds the {n}-pixel input")
+    steps = math.ceil((n - size) / stride) + 1
+    return [(i * stride, min(n, i * stride + size)) for i in range(steps)]
+
+
+def _resized_size(pre, width: int, height: int) -> tuple[int, int]:
+    short, long = (width, height) if width <= height else (height, width)
+    if short == pre.resize:
+        return width, height
+    new_long = int(pre.resize * long / short)  # the same rounding as zfnet.data._resize_shorter
+    return (pre.resize, new_long) if width <= height else (new_long, pre.resize)
+
+
+def _crop_offsets(pre, width: int, height: int) -> tuple[float, float, float, float]:
+    """(scale_y, scale_x, off_y, off_x): input pixel i sits at resized pixel i + off, file = resized*scale."""
+    rw, rh = _resized_size(pre, width, height)
+    oy = ox = 0
+    if pre.preset == "paper":  # central resize x resize square first
+        oy, ox = int(round((rh - pre.resize) / 2.0)), int(round((rw - pre.resize) / 2.0))
+        rh_c, rw_c = pre.resize, pre.resize
+    else:
+        rh_c, rw_c = rh, rw
+    oy += int(round((rh_c - pre.size) / 2.0))
+    ox += int(round((rw_c - pre.size) / 2.0))
+    return height / rh, width / rw, oy, ox
+
+
+def input_to_file(pre, width: int, height: int, y, x):
+    """Continuous input-tensor pixel coordinates -> pixel coordinates of the image file (centre-based)."""
+    sy, sx, oy, ox = _crop_offsets(pre, width, height)
+    return (np.asarray(y, float) + oy + 0.5) * sy - 0.5, (np.asarray(x, float) + ox + 0.5) * sx - 0.5
+
+
+def file_to_input(pre, width: int, height: int, y, x):
+    """Pixel coordinates of the image file -> input-tensor pixel coordinates (inverse of input_to_file)."""
+    sy, sx, oy, ox = _crop_offsets(pre, width, height)
+    return (np.asarray(y, float) + 0.5) / sy - 0.5 - oy, (np.asarray(x, float) + 0.5) / sx - 0.5 - ox
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network as a chain of stages, each with its local geometry (kernel, stride, padding per axis).
+@dataclass
+class _Stage:
+    name: str
+    fn: object  # tensor -> tensor
+    geom: tuple | None = None  # ((k_y, s_y, p_y), (k_x, s_x, p_x)); None = mixes all positions
+
+
+class _Tracer(torch.fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _chain(model: nn.Module) -> list[_Stage] | None:
+    """The model as a chain of single-input stages, or None when its graph is not a chain."""
+    # Blocks inside a Sequential (SqueezeNet's Fire, ResNet's blocks) are stages of their own.
+    leaves = {f"{name}.{c}" if name else c for name, m in model.named_modules()
+              if isinstance(m, nn.Sequential) for c, _ in m.named_children()}
+    try:
+        graph = _Tracer(leaves).trace(model)
+    except Exception:
+        return None
+    nodes = list(graph.nodes)
+    if not nodes or nodes[0].op != "placeholder" or sum(n.op == "placeholder" for n in nodes) != 1:
+        return None
+    stages, prev, used = [], nodes[0], set()
+    for node in nodes[1:]:
+        if node.op == "output":
+            return stages if node.args[0] is prev else None
+        inputs = node.all_input_nodes
+        if inputs != [prev] or len(prev.users) != 1 or node.op == "get_attr":
+            return None
+        sub = lambda a, node=node: torch.fx.node.map_arg(a, lambda _: _Ref.value)  # noqa: E731
+        if node.op == "call_module":
+            if node.target in used:  # a module called twice: the layer table keeps only its first call
+                return None
+            used.add(node.target)
+            mod = model.get_submodule(node.target)
+            fn = _bind(lambda t, a, k, mod=mod: mod(*a, **k), node, sub)
+        elif node.op == "call_function":
+            fn = _bind(lambda t, a, k, f=node.target: f(*a, **k), node, sub)
+        elif node.op == "call_method":
+            fn = _bind(lambda t, a, k, meth=node.target: getattr(a[0], meth)(*a[1:], **k), node, sub)
+        else:
+            return None
+        stages.append(_Stage(node.target if node.op == "call_module" else node.name, fn))
+        prev = node
+    return None
+
+
+class _Ref:
+    value = None  # the tensor substituted for the single input node while a stage runs
+
+
+def _bind(call, node, sub):
+    def fn(t):
+        _Ref.value = t
+        try:
+            return call(t, sub(node.args), sub(node.kwargs))
+        finally:
+            _Ref.value = None
+    return fn
+
+
+def _local_geometry(fin: Field, fout: Field) -> tuple | None:
+    """(k, s, p) per axis of a stage mapping field fin to fout, or None if not a plain sliding window."""
+    out = []
+    for jin, jout, zin, zout, sin, sout in ((fin.jump_y, fout.jump_y, fin.size_y, fout.size_y, fin.start_y,
+                                             fout.start_y), (fin.jump_x, fout.jump_x, fin.size_x, fout.size_x,
+                                                             fin.start_x, fout.start_x)):
+        if jout % jin or (zout - zin) % jin or (sin - sout) % jin:
+            return None
+        k, s, p = (zout - zin) // jin + 1, jout // jin, (sin - sout) // jin
+        if k < 1 or s < 1 or p < 0:
+            return None
+        out.append((k, s, p))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+class _Incremental:
+    """Clean activations of one image, and the exact outputs for batches of occluder boxes."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, stages: list[_Stage], track: str | None):
+        table = layer_table(model, tuple(x.shape[-2:]), x.shape[1])
+        self.stages, self.track = stages, track
+        self.acts = [x]  # acts[m] = clean input of stage m; acts[-1] = model output
+        fin = Field(1, 1, 1, 1, 0, 0)
+        local = True
+        with torch.no_grad():
+            a = x
+            for st in stages:
+                out = st.fn(a.clone())  # clone: an in-place ReLU must not overwrite a stored activation
+                if local:
+                    fout = None
+                    if st.name in table and out.dim() == 4:
+                        fout = table[st.name].field
+                    elif out.dim() == 4 and a.dim() == 4 and out.shape[-2:] == a.shape[-2:]:
+                        fout = fin  # an elementwise function (F.relu, ...) keeps the field
+                    st.geom = _local_geometry(fin, fout) if fout else None
+                    local = st.geom is not None
+                    fin = fout
+                self.acts.append(out)
+                a = out
+        self.n_local = sum(st.geom is not None for st in stages)
+        names = [st.name for st in stages]
+        self.track_at = names.index(track) + 1 if track in names else None  # index into acts
+
+    def run(self, boxes: list[tuple[int, int, int, int]], fill: float):
+        """Model outputs (B, K) and per-channel totals of the tracked layer (B, C) for occluder boxes."""
+        x = self.acts[0]
+        # Changed windows of the current activation: one (C, h, w) tensor and its top-left per position.
+        wins = [torch.full((x.shape[1], y1 - y0, x1 - x0), fill, dtype=x.dtype, device=x.device)
+                for y0, y1, x0, x1 in boxes]
+        ys, xs = [b[0] for b in boxes], [b[2] for b in boxes]
+        sums, m = None, 0
+        while m < self.n_local and not self._too_big(m, wins):
+            wins, ys, xs = self._stage(m, wins, ys, xs)
+            m += 1
+            if self.track_at == m:
+                sums = self._window_sums(m, wins, ys, xs)
+        # From here every position needs (almost) the whole map: paste the windows and run on full maps.
+        a = self.acts[m].expand(len(boxes), *self.acts[m].shape[1:]).clone()
+        for i, w in enumerate(wins):
+            a[i, :, ys[i]:ys[i] + w.shape[-2], xs[i]:xs[i] + w.shape[-1]] = w
+        for j in range(m, len(self.stages)):
+            a = self.stages[j].fn(a)
+            if self.track_at == j + 1:
+                sums = a.flatten(2).sum(-1) if a.dim() > 2 else a
+        return a, sums
+
+    def _too_big(self, m, wins) -> bool:
+        """Windows so large that cropping costs more than recomputing full maps."""
+        (ky, sy, py), (kx, sx, px) = self.stages[m].geom
+        h = max(w.shape[-2] for w in wins) + ky - 1
+        w_ = max(w.shape[-1] for w in wins) + kx - 1
+        H, W = self.acts[m].shape[-2:]
+        return h * w_ >= 0.6 * H * W
+
+    def _window_sums(self, j, wins, ys, xs):
+        clean = self.acts[j][0]
+        total = clean.flatten(1).sum(-1)
+        return torch.stack([total - clean[:, y0:y0 + w.shape[-2], x0:x0 + w.shape[-1]].flatten(1).sum(-1)
+                            + w.flatten(1).sum(-1) for y0, x0, w in zip(ys, xs, wins)])
+
+    def _stage(self, m, wins, ys, xs):
+        st, a_in, a_out = self.stages[m], self.acts[m][0], self.acts[m + 1]
+        (ky, sy, py), (kx, sx, px) = st.geom
+        if st.geom == ((1, 1, 0), (1, 1, 0)) and isinstance(wins, torch.Tensor):
+            return st.fn(wins), ys, xs  # elementwise: the changed window maps to itself
+        Hin, Win = a_in.shape[-2:]
+        Hout, Wout = a_out.shape[-2:]
+
+        def affected(a, b, k, s, p, n):  # output units whose window [u*s-p, u*s-p+k) meets [a, b)
+            return max(0, -((k - 1 - a - p) // s)), min(n, (b - 1 + p) // s + 1)
+
+        spans = [(affected(y0, y0 + w.shape[-2], ky, sy, py, Hout), affected(x0, x0 + w.shape[-1], kx, sx, px, Wout))
+                 for y0, x0, w in zip(ys, xs, wins)]
+        nh = max(1, max(u1 - u0 for (u0, u1), _ in spans))
+        nw = max(1, max(v1 - v0 for _, (v0, v1) in spans))
+        groups: dict = {}
+        for i, ((u0, _), (v0, _)) in enumerate(spans):
+            u0, v0 = min(u0, Hout - nh), min(v0, Wout - nw)  # same-size windows batch together
+            r0, r1 = self._crop(u0, nh, ky, sy, py, Hin)
+            c0, c1 = self._crop(v0, nw, kx, sx, px, Win)
+            key = (r1 - r0, c1 - c0, u0 - r0 // sy, v0 - c0 // sx)
+            groups.setdefault(key, []).append((i, u0, v0, r0, c0))
+        out = torch.empty(len(wins), a_out.shape[1], nh, nw, dtype=a_out.dtype, device=a_out.device)
+        new_ys, new_xs = [0] * len(wins), [0] * len(wins)
+        for (h, w, oy, ox), members in groups.items():
+            crops = []
+            for i, u0, v0, r0, c0 in members:
+                crop = a_in[:, r0:r0 + h, c0:c0 + w].clone()
+                y0, x0, win = ys[i], xs[i], wins[i]
+                ya, yb = max(y0, r0), min(y0 + win.shape[-2], r0 + h)
+                xa, xb = max(x0, c0), min(x0 + win.shape[-1], c0 + w)
+                if ya < yb and xa < xb:
+                    crop[:, ya - r0:yb - r0, xa - c0:xb - c0] = win[:, ya - y0:yb - y0, xa - x0:xb - x0]
+                crops.append(crop)
+                new_ys[i], new_xs[i] = u0, v0
+            idx = torch.tensor([mem[0] for mem in members], device=out.device)
+            out[idx] = st.fn(torch.stack(crops))[:, :, oy:oy + nh, ox:ox + nw]
+        return out, new_ys, new_xs
+
+    @staticmethod
+    def _crop(u0, n, k, s, p, size):
+        """Input rows [r0, r1) holding the dependencies of output units [u0, u0+n), r0 on the stride grid."""
+        start = u0 * s - p
+        r0 = 0 if start <= 0 else (start // s) * s
+        return r0, min(size, (u0 + n - 1) * s - p + k)
+
+
+def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, fill: float = 0.0, track: str | None = None,
+                     method: str = "incremental", batch_size: int = 64, progress: bool = False):
+    """Model outputs for the image x (1, C, H, W) with each box (y0, y1, x0, x1) filled with `fill`.
+
+    Returns (outputs (P, K), track_sums (P, C) or None): per-channel total activation of layer `track`.
+    method: "incremental" (exact, recomputes only what each occluder changes; falls back to naive when
+    the model is not a chain of stages) or "naive" (full forward pass per position).
+    """
+    from tqdm.auto import tqdm
+
+    if method not in ("incremental", "naive"):
+        raise ZfnetError(f"unknown occlusion method {method!r}; use 'incremental' or 'naive'")
+    boxes = list(boxes)
+    engine = None
+    if method == "incremental":
+        stages = _chain(model)
+        if stages is not None:
+            with torch.no_grad():
+                engine = _Incremental(model, x, stages, track)
+            if track is not None and engine.track_at is None:
+                engine = None  # the tracked layer lives inside a stage: only hooks can read it
+    outs, sums = [], []
+    bar = tqdm(total=len(boxes), desc="occlusion", unit="pos", disable=not progress, leave=False)
+    with torch.no_grad():
+        for b in range(0, len(boxes), batch_size):
+            chunk = boxes[b:b + batch_size]
+            if engine is not None:
+                o, s = engine.run(chunk, fill)
+            else:
+                xb = x.expand(len(chunk), *x.shape[1:]).clone()
+                for i, (y0, y1, x0, x1) in enumerate(chunk):
+                    xb[i, :, y0:y1, x0:x1] = fill
+                if track is None:
+                    o, s = model(xb), None
+                else:
+                    with taps(model, [track], reduce=lambda n, t: t.flatten(2).sum(-1) if t.dim() > 2 else t) as t:
+                        o = model(xb)
+                    s = t[track]
+            outs.append(o.reshape(len(chunk), -1))
+            if s is not None:
+                sums.append(s)
+            bar.update(len(chunk))
+    bar.close()
+    return torch.cat(outs), (torch.cat(sums) if sums else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class OcclusionResult:
+    """Fig. 7 maps; prob[r][c] belongs to the occluder centred at (centers_y[r], centers_x[c])."""
+
+    file: str | None
+    label: int
+    label_name: str
+    feature_map: str  # "<layer>:<channel>": the top conv layer's strongest map on the clean image
+    size: int
+    stride: int
+    fill: float
+    input_size: tuple[int, int]
+    rows: list[tuple[int, int]]  # occluder extents [y0, y1) in input pixels
+    cols: list[tuple[int, int]]
+    centers_y: list[float]  # occluder centres in pixels of the image file (input pixels if no file)
+    centers_x: list[float]
+    prob: np.ndarray  # (R, C) p(label) with the occluder there
+    argmax_label: np.ndarray  # (R, C) most probable class
+    activity: np.ndarray  # (R, C) total activation of `feature_map`
+    clean_prob: float
+    clean_activity: float
+    top_location: tuple[int, int]  # where the feature map is strongest (its units' grid)
+    categories: list[str] = field(default_factory=list, repr=False)
+    image: np.ndarray | None = field(default=None, repr=False)  # (H, W, 3) uint8 input as the model saw it
+    projection: np.ndarray | None = field(default=None, repr=False)  # (3, H, W) deconv projection
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        names = {int(i): self.categories[int(i)] if int(i) < len(self.categories) else str(int(i))
+                 for i in np.unique(self.argmax_label)}
+        return {"schema": 1, "file": self.file, "label": self.label, "label_name": self.label_name,
+                "feature_map": self.feature_map, "size": self.size, "stride": self.stride, "fill": self.fill,
+                "input_size": list(self.input_size), "rows": [list(r) for r in self.rows],
+                "cols": [list(c) for c in self.cols], "centers_y": self.centers_y, "centers_x": self.centers_x,
+                "prob": self.prob.tolist(), "argmax_label": self.argmax_label.tolist(),
+                "activity": self.activity.tolist(), "clean_prob": self.clean_prob,
+                "clean_activity": self.clean_activity, "labels": {str(k): v for k, v in names.items()},
+                "config": self.config}
+
+    def pixel_attribution(self) -> np.ndarray:
+        """The per-pixel map Captum's Occlusion returns for target `label`: mean over the occluders covering
+        a pixel of (clean prob - occluded prob)."""
+        return pixel_attribution(self.clean_prob - self.prob, self.rows, self.cols, self.input_size)
+
+
+def pixel_attribution(drop: np.ndarray, rows, cols, input_size) -> np.ndarray:
+    """Spread per-position values over the pixels each occluder covers and average (Captum's convention)."""
+    H, W = input_size
+    total, count = np.zeros((H, W)), np.zeros((H, W))
+    for r, (y0, y1) in enumerate(rows):
+        for c, (x0, x1) in enumerate(cols):
+            total[y0:y1, x0:x1] += drop[r, c]
+            count[y0:y1, x0:x1] += 1
+    return total / np.maximum(count, 1)
+
+
+def _prepare(model, image, preprocess):
+    """(x (1, 3, H, W), file name or None, (width, height) of the file or None, Preprocess)."""
+    from PIL import Image
+
+    from .data import Preprocess, load_image
+
+    pre = preprocess or Preprocess.for_model(model)
+    if isinstance(image, torch.Tensor):
+        x = image if image.dim() == 4 else image[None]
+        return x, None, None, pre
+    name = None
+    if not isinstance(image, Image.Image):
+        name, image = str(image), load_image(image)
+    x = pre(image)
+    if x.dim() != 3:
+        raise ZfnetError("occlusion needs a single-crop preprocessing (crop='center')")
+    return x[None], name, image.size, pre
+
+
+def top_conv_layer(model: nn.Module) -> str:
+    """The deepest rectified conv layer ("layer 5" of the paper's nets)."""
+    return feature_layers(model)[-1]
+
+
+def occlusion(model: nn.Module, image, *, label: int | None = None, size: int = 48, stride: int = 16,
+              fill: float = 0.0, layer: str | None = None, method: str = "incremental", batch_size: int = 64,
+              preprocess=None, project_map: bool = True, progress: bool = False) -> OcclusionResult:
+    """Fig. 7 for one image: slide a `size` square (value `fill` in the model's input space: 0 = the
+    preprocessing mean) with `stride` over the input and record, per position, p(label), the most probable
+    class and the total activation of the strongest feature map of `layer` (default: top conv layer).
+
+    Args:
+        image: an image file, a PIL image, or a preprocessed (3, H, W) / (1, 3, H, W) tensor.
+        label: the correct class (default: the clean image's top-1).
+        method: "incremental" (exact, fast) or "naive" (a full forward pass per position).
+    """
+    from .weights import model_meta
+
+    x, name, file_size, pre = _prepare(model, image, preprocess)
+    device = next(model.parameters()).device
+    x = x.to(device)
+    H, W = x.shape[-2:]
+    rows, cols = occluder_boxes(H, size, stride), occluder_boxes(W, size, stride)
+    layer = layer or top_conv_layer(model)
+    table = layer_table(model, (H, W), x.shape[1])
+    if table[layer].height * table[layer].width < 1:
+        raise ZfnetError(f"layer {layer} has no feature maps")
+    with torch.no_grad():
+        clean_out = model(x).reshape(1, -1)
+        fmap = run_with_taps(model, x, [layer])[layer][0]  # (C, h, w)
+    probs = clean_out.softmax(-1)[0]
+    if label is None:
+        label = int(probs.argmax())
+    if not 0 <= label < probs.numel():
+        raise ZfnetError(f"label {label} out of range 0..{probs.numel() - 1}")
+    flat = fmap.flatten(1) if fmap.dim() == 3 else fmap.reshape(-1, 1)
+    channel = int(flat.max(1).values.argmax())
+    loc = divmod(int(flat[channel].argmax()), fmap.shape[-1]) if fmap.dim() == 3 else (0, 0)
+    boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
+    out, sums = occluded_outputs(model, x, boxes, fill=fill, track=layer, method=method, batch_size=batch_size,
+                                 progress=progress)
+    p = out.softmax(-1)
+    R, C = len(rows), len(cols)
+    cy = [(y0 + y1 - 1) / 2 for y0, y1 in rows]
+    cx = [(x0 + x1 - 1) / 2 for x0, x1 in cols]
+    if file_size is not None:  # report centres in pixels of the file as given
+        cy = input_to_file(pre, *file_size, cy, 0)[0].tolist()
+        cx = input_to_file(pre, *file_size, 0, cx)[1].tolist()
+    projection = None
+    if project_map:
+        from .project import project
+
+        projection = project(model, x, [Unit(layer, channel, *loc)], "deconv")[0, 0].cpu().numpy()
+    cats = list(model_meta(model).categories or [])
+    img = None
+    if x.shape[1] == 3:
+        img = (pre.unnormalize(x[0].cpu()).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    return OcclusionResult(
+        file=name, label=label, label_name=cats[label] if label < len(cats) else str(label),
+        feature_map=f"{layer}:{channel}", size=size, stride=stride, fill=fill, input_size=(H, W),
+        rows=rows, cols=cols, centers_y=cy, centers_x=cx,
+        prob=p[:, label].reshape(R, C).cpu().numpy(), argmax_label=p.argmax(-1).reshape(R, C).cpu().numpy(),
+        activity=sums[:, channel].reshape(R, C).cpu().numpy(), clean_prob=float(probs[label]),
+        clean_activity=float(flat[channel].sum()), top_location=loc, categories=cats, image=img,
+        projection=projection,
+        config={"size": size, "stride": stride, "fill": fill, "layer": layer, "label": label, "method": method,
+                "batch_size": batch_size, "preprocessing": pre.preset, "input_size": [H, W]})
+
+
+# ----------------------------------------------------------------------------------------------------
+def render_occlusion(result: OcclusionResult, path: str | Path, max_legend: int = 12) -> Path:
+    """The Fig. 7 row: (a) input, (b) feature-map activity, (c) its deconvnet projection, (d) p(label),
+    (e) most probable label with a legend. Maps are drawn at the occluder centres over the input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch, Rectangle
+
+    from .render import signed_to_rgb
+    from .results import atomic_path
+
+    H, W = result.input_size
+    cy = [(a + b - 1) / 2 for a, b in result.rows]
+    cx = [(a + b - 1) / 2 for a, b in result.cols]
+    dy = (cy[1] - cy[0]) / 2 if len(cy) > 1 else H / 2
+    dx = (cx[1] - cx[0]) / 2 if len(cx) > 1 else W / 2
+    extent = (cx[0] - dx, cx[-1] + dx, cy[-1] + dy, cy[0] - dy)
+    fig, axes = plt.subplots(1, 5, figsize=(19, 4.4))
+    ax = axes[0]
+    if result.image is not None:
+        ax.imshow(result.image)
+    (y0, y1), (x0, x1) = result.rows[len(result.rows) // 2], result.cols[len(result.cols) // 2]
+    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, color="0.5"))
+    ax.set_title(f"(a) input, occluder {result.size}px / {result.stride}px\ntrue: {result.label_name[:30]}",
+                 fontsize=9)
+    im = axes[1].imshow(result.activity, extent=extent, cmap="jet")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    axes[1].set_title(f"(b) total activation of {result.feature_map}", fontsize=9)
+    if result.projection is not None:
+        axes[2].imshow(signed_to_rgb(result.projection))
+        ly, lx = result.top_location
+        axes[2].set_title(f"(c) deconv projection of {result.feature_map}@{ly},{lx}", fontsize=9)
+    else:
+        axes[2].set_title("(c) projection not computed", fontsize=9)
+    im = axes[3].imshow(result.prob, extent=extent, cmap="jet", vmin=0, vmax=max(1e-6, float(result.prob.max())))
+    fig.colorbar(im, ax=axes[3], fraction=0.046)
+    axes[3].set_title(f"(d) p({result.label_name[:24]})", fontsize=9)
+    labels, counts = np.unique(result.argmax_label, return_counts=True)
+    order = labels[np.argsort(-counts)]
+    shown = list(order[:max_legend])
+    index = np.array([shown.index(v) if v in shown else len(shown) for v in result.argmax_label.ravel()])
+    colors = list(plt.get_cmap("tab20").colors[:len(shown)]) + [(0.6, 0.6, 0.6)]
+    axes[4].imshow(index.reshape(result.argmax_label.shape), extent=extent, cmap=ListedColormap(colors),
+                   vmin=-0.5, vmax=len(colors) - 0.5, interpolation="nearest")
+    axes[4].set_title("(e) most probable label", fontsize=9)
+    names = [result.categories[v] if v < len(result.categories) else str(v) for v in shown]
+    handles = [Patch(color=colors[i], label=f"{n[:28]} ({v})") for i, (n, v) in enumerate(zip(names, shown))]
+    if len(order) > len(shown):
+        handles.append(Patch(color=colors[-1], label=f"{len(order) - len(shown)} other labels"))
+    axes[4].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7, frameon=False)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return Path(path)
