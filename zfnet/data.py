@@ -260,8 +260,9 @@ class Batches:
         subset = torch.utils.data.Subset(self.dataset, self.indices)
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, num_workers=self.workers,
                                              collate_fn=collate, shuffle=False)
-        bar = tqdm(total=len(self.indices), desc=self.desc, unit="img", disable=not self.progress,
-                   leave=False, file=None)
+        # disable=None: a bar on a terminal or in a notebook, nothing in logs and pipes
+        bar = tqdm(total=len(self.indices), desc=self.desc, unit="img", disable=None if self.progress else True,
+                   leave=False)
         try:
             for x, labels, idx, errors in loader:
                 self.skipped += [(str(self.dataset.paths[i]), msg) for i, msg in errors]

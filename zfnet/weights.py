@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -92,12 +93,22 @@ def _build(spec: str, num_classes: int | None) -> nn.Module:
 
 
 def _fetch(url: str, sha256: str | None) -> str:
-    """Download once into the torch.hub cache (hash-checked), or explain how to work offline."""
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    """Download once into the torch.hub cache (hash-checked), or explain how to work offline.
+
+    Without a known digest, a `name-<hex>.pth` file name gives the expected sha256 prefix (torch.hub's rule).
+    """
+    name = os.path.basename(url)
+    if sha256 is None:
+        m = re.search(r"-([a-f0-9]{8,})\.", name)
+        sha256 = m.group(1) if m else None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, str(cached) + ".part", hash_prefix=sha256, progress=True)
             os.replace(str(cached) + ".part", cached)
+        except RuntimeError as e:  # torch.hub's hash mismatch
+            raise ZfnetError(f"downloaded weights from {url} failed the sha256 check: {str(e)[:160]}") from None
         except Exception as e:  # no network, proxy, HTTP error: all mean "give us a file instead"
             raise ZfnetError(f"cannot download weights from {url} ({type(e).__name__}); offline, pass "
                              f"--weights FILE or set {WEIGHTS_ENV}=FILE") from None
@@ -169,7 +180,10 @@ def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes
             raise ZfnetError(f"model {name} has no published weights; pass --weights FILE")
     if weights is not None:
         weights = str(weights)
-        path = _fetch(weights, record.sha256) if weights.startswith(("http://", "https://")) else weights
+        if weights.startswith(("http://", "https://", "file://")):
+            path = _fetch(weights, record.sha256 if weights == record.url else None)
+        else:
+            path = weights
         state, extras = _read_state(path)
         _load_state(model, _apply_key_map(state, record.key_map), weights, name)
         if isinstance(extras.get("mean_image"), torch.Tensor):  # a zfnet training checkpoint
