@@ -106,6 +106,20 @@ def _layers(args):
     return 0
 
 
+def _train_args(p):
+    from .train import add_config_args
+
+    add_config_args(p)
+
+
+@command("train", "train ZFNet / AlexNet / a Table 3 variant with the paper's recipe (torchrun-ready)")(_train_args)
+def _train(args):
+    from .train import config_from_args, main
+
+    result = main(config_from_args(args))
+    return 0 if result["epochs"] else 1
+
+
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zfnet", description="Visualize and understand any PyTorch convnet "

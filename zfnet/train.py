@@ -1,0 +1,612 @@
+"""The paper's training recipe (Sec. 3), resumable and torchrun-ready.
+
+`TrainConfig` holds the paper's defaults; `main(cfg)` trains, writing an atomic checkpoint every epoch
+(resumed automatically: a run killed at any moment and restarted ends with the same weights) and a
+model-only snapshot per epoch for the feature-evolution figure (Fig. 4). Under `torchrun` it runs
+DistributedDataParallel (gloo on CPU, NCCL on GPU), detected from RANK / WORLD_SIZE / LOCAL_RANK, as
+torchvision's references/classification/train.py does.
+
+Determinism: everything random is drawn from generators seeded by (seed, epoch[, image index]), not from
+a stream carried across epochs, so resuming at an epoch boundary reproduces the uninterrupted run
+exactly on CPU, and the global batches do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .data import _center_crop, _resize_shorter, _to_tensor, collate, list_images, load_image, ten_crop
+from .errors import ZfnetError
+from .models import TABLE3_VARIANTS, alexnet, zfnet
+from .results import write_json
+
+__all__ = ["TrainConfig", "build_model", "clip_filters", "filter_rms", "ten_crop_probs", "train_one_epoch",
+           "evaluate", "main", "split_per_class", "TrainImages", "preprocess_for"]
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Defaults are the paper's (section numbers of Zeiler & Fergus 2013)."""
+
+    # what to train
+    model: str = "zfnet"  # Sec. 3 / Fig. 3: "zfnet", "alexnet" (11x11/4 baseline), or a Table 3 variant name
+    widths: tuple | None = None  # conv1..conv5 maps; None = the paper's 96-256-384-384-256 (Fig. 3)
+    fc: int | None = None  # fc6/fc7 units; None = 4096 (Fig. 3)
+    dropout: float = 0.5  # Sec. 3: dropout 0.5 on fc6 and fc7
+    init_std: float = 1e-2  # Sec. 3: weights N(0, 1e-2), biases 0
+    # data
+    data: str = ""  # image folder: class subfolders, or train/ + val/ inside (ImageNet layout)
+    val_data: str | None = None  # validation folder (default: data/val, or the rest of a per-class split)
+    train_per_class: int | None = None  # take this many images per class for training, the rest for validation
+    split_seed: int = 0  # which images the per-class split takes
+    resize: int = 256  # Sec. 3: shorter side to 256, central 256x256
+    crop: int = 224  # Sec. 3: 224x224 sub-crops
+    flip: bool = True  # Sec. 3: horizontal flips of the crops
+    val_crops: str = "ten"  # Sec. 3/5: 10-crop (corners + centre, flipped) softmax average; or "center"
+    cache: bool = False  # keep the decoded 256x256 images in memory (small data sets: decode once)
+    workers: int = 0  # DataLoader worker processes
+    # optimization
+    epochs: int = 70  # Sec. 3: stopped after 70 epochs
+    batch_size: int = 128  # Sec. 3: mini-batches of 128 (global: split across torchrun processes)
+    lr: float = 1e-2  # Sec. 3: learning rate 1e-2
+    momentum: float = 0.9  # Sec. 3: momentum 0.9
+    weight_decay: float = 0.0  # not in ZF's text; AlexNet (Krizhevsky 2012) used 5e-4
+    lr_factor: float = 0.1  # Sec. 3: learning rate annealed "manually" when validation error plateaus ...
+    lr_patience: int = 3  # ... here: x lr_factor after this many epochs without a new best top-1 error
+    clip_radius: float = 0.1  # Sec. 3 feature scale clipping: conv filters with RMS > radius renormalized
+    #                           to it after every step; 0 = off (the Fig. 6 / Table 3 ablation)
+    # machinery
+    out: str = "runs/zfnet"  # run folder: checkpoint.pth, epoch_XXX.pth, metrics.json
+    snapshots: bool = True  # keep a model-only epoch_XXX.pth every epoch (Fig. 4 reads them)
+    seed: int = 0
+    device: str | None = None  # default: cuda if available (LOCAL_RANK picks the GPU under torchrun)
+    amp: bool = True  # CUDA only: float16 autocast + gradient scaling
+    channels_last: bool = True  # CUDA only: NHWC memory layout (faster convolutions on tensor cores)
+    threads: int | None = None  # torch CPU threads per process (default: torch's choice)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.widths is not None:
+            self.widths = tuple(int(w) for w in self.widths)
+
+    def arch(self, num_classes: int) -> dict:
+        """What `build_model` needs to rebuild this network (stored in every checkpoint)."""
+        return {"model": self.model, "widths": list(self.widths) if self.widths else None, "fc": self.fc,
+                "dropout": self.dropout, "num_classes": num_classes, "crop": self.crop, "resize": self.resize,
+                "init_std": self.init_std}
+
+
+# Fields that may change between a run and its resumption without changing what is computed.
+_RESUMABLE = {"epochs", "out", "workers", "device", "progress", "threads", "data", "val_data"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network
+def build_model(arch: dict) -> nn.Module:
+    """ZFNet / AlexNet / a Table 3 variant at the configured width, with its classifier sized for the
+    configured crop (the paper's fc6 sees 6x6 maps of 224 inputs; smaller inputs give smaller maps)."""
+    name = arch["model"]
+    kw = {"num_classes": int(arch["num_classes"]), "dropout": float(arch.get("dropout", 0.5))}
+    if arch.get("fc"):
+        kw["fc"] = int(arch["fc"])
+    if name == "alexnet":
+        model = alexnet(widths=tuple(arch["widths"]) if arch.get("widths") else None, **kw)
+    elif name in TABLE3_VARIANTS:
+        variant = dict(TABLE3_VARIANTS[name])
+        variant.update({k: v for k, v in kw.items() if k != "fc"})
+        if arch.get("fc"):
+            variant["fc"] = kw["fc"]
+        if arch.get("widths"):
+            # Table 3's wider variants scale conv3-5; keep that ratio at a reduced width.
+            w = list(arch["widths"])
+            base = TABLE3_VARIANTS[name].get("widths")
+            if base:
+                w = [max(1, round(w[i] * base[i] / (96, 256, 384, 384, 256)[i])) for i in range(5)]
+            variant["widths"] = tuple(w)
+        model = zfnet(**variant)
+    else:
+        raise ZfnetError(f"unknown model {name!r}; use alexnet or one of {', '.join(TABLE3_VARIANTS)}")
+    crop = int(arch.get("crop", 224))
+    with torch.no_grad():  # size the first fully connected layer to what the conv stack gives at this crop
+        x = torch.zeros(1, 3, crop, crop)
+        upto = model.order.index("flatten") + 1
+        for n in model.order[:upto]:
+            try:
+                x = getattr(model, n)(x)
+            except RuntimeError:
+                raise ZfnetError(f"a {crop}x{crop} input is too small for {name} (its maps vanish at {n}); "
+                                 f"use --crop 48 or more") from None
+        first_fc = next(n for n in model.order[upto:] if isinstance(getattr(model, n), nn.Linear))
+        old = getattr(model, first_fc)
+        if old.in_features != x.shape[1]:
+            setattr(model, first_fc, nn.Linear(x.shape[1], old.out_features))
+    std = float(arch.get("init_std", 1e-2))
+    for m in model.modules():  # Sec. 3: weights N(0, 1e-2), biases 0
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def filter_rms(weight: torch.Tensor) -> torch.Tensor:
+    """Root mean square of each filter (output channel) of a conv weight (O, I, kh, kw) -> (O,)."""
+    return weight.detach().flatten(1).pow(2).mean(1).sqrt()
+
+
+@torch.no_grad()
+def clip_filters(model: nn.Module, radius: float = 0.1) -> int:
+    """Sec. 3 "feature scale clipping": every conv filter whose RMS exceeds `radius` is rescaled to RMS
+    exactly `radius` (direction kept; smaller filters untouched). Returns how many were rescaled."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            rms = filter_rms(m.weight)
+            over = rms > radius
+            if over.any():
+                scale = torch.where(over, radius / rms.clamp_min(1e-30), torch.ones_like(rms))
+                m.weight.mul_(scale.view(-1, *([1] * (m.weight.dim() - 1))).to(m.weight.dtype))
+                n += int(over.sum())
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the paper's preprocessing, deterministic per (seed, epoch, image)
+def split_per_class(labels: list[int], n_train: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices: n_train random images of every class for training, the rest for testing (Sec. 5.2's
+    Caltech protocol)."""
+    g = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    train, test = [], []
+    for y in sorted(by_class):
+        idx = by_class[y]
+        perm = torch.randperm(len(idx), generator=g).tolist()
+        train += [idx[j] for j in perm[:n_train]]
+        test += [idx[j] for j in perm[n_train:]]
+    return sorted(train), sorted(test)
+
+
+class TrainImages(torch.utils.data.Dataset):
+    """Sec. 3 preprocessing: shorter side to `resize`, central resize x resize, minus the per-pixel mean
+    image, then a random crop + flip (train), the 10 crops (eval) or the centre crop.
+
+    Items are (tensor, label, index, error) as zfnet.data.ImageDataset's, so zfnet.data.collate skips
+    unreadable files. The random crop of image i in epoch e comes from a generator seeded by
+    (seed, e, i): identical whichever process or worker loads it, and after a resume.
+    """
+
+    def __init__(self, paths, labels, resize: int, crop: int, mode: str = "random", flip: bool = True,
+                 mean_image: torch.Tensor | None = None, cache: bool = False, seed: int = 0):
+        self.paths, self.labels = [Path(p) for p in paths], list(labels)
+        self.resize, self.size, self.mode, self.flip = resize, crop, mode, flip
+        self.mean_image, self.seed, self.epoch = mean_image, seed, 0
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def base(self, i: int) -> torch.Tensor:
+        """(3, resize, resize) uint8, before mean subtraction (what the cache holds)."""
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        im = _center_crop(_resize_shorter(load_image(self.paths[i]), self.resize), self.resize)
+        x = (_to_tensor(im) * 255).round().to(torch.uint8)
+        if self.cache is not None:
+            self.cache[i] = x
+        return x
+
+    def __getitem__(self, i: int):
+        try:
+            x = self.base(i).float().div_(255.0)
+        except ZfnetError as e:
+            return None, self.labels[i], i, str(e)
+        if self.mean_image is not None:
+            x = x - self.mean_image
+        s = self.size
+        H, W = x.shape[-2:]
+        if self.mode == "ten":
+            x = ten_crop(x, s)
+        elif self.mode == "random":
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**62)
+            t = int(torch.randint(0, H - s + 1, (1,), generator=g))
+            left = int(torch.randint(0, W - s + 1, (1,), generator=g))
+            x = x[:, t:t + s, left:left + s]
+            if self.flip and torch.rand(1, generator=g).item() < 0.5:
+                x = x.flip(-1)
+        elif self.mode == "none":
+            pass
+        else:
+            t, left = (H - s) // 2, (W - s) // 2
+            x = x[:, t:t + s, left:left + s]
+        return x.contiguous(), self.labels[i], i, None
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """Per epoch, a permutation seeded by (seed, epoch) cut into global batches of `batch_size`; each
+    process takes its rank's share of every batch. The union of the shares is the single-process batch,
+    so 1 or N processes (DDP averages gradients) take the same optimization steps."""
+
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle=True):
+        self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.shuffle, self.epoch = shuffle, 0
+
+    def _global(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        out = [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+        return [b for b in out if len(b) >= self.world]  # every process needs a share of every step
+
+    def __iter__(self):
+        for b in self._global():
+            yield b[self.rank::self.world]
+
+    def __len__(self):
+        return len(self._global())
+
+
+def preprocess_for(model: nn.Module, crop: str = "center"):
+    """zfnet.data.Preprocess matching a model trained here (its crop / resize / mean image)."""
+    from .data import Preprocess
+    from .weights import model_meta
+
+    arch = getattr(model, "zfnet_arch", {}) or {}
+    meta = model_meta(model)
+    if not arch:
+        return Preprocess.for_model(model, crop=crop)
+    return Preprocess(preset="paper", crop=crop, size=int(arch["crop"]), resize=int(arch["resize"]),
+                      mean_image=meta.mean_image)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed (torchrun) plumbing
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def init_distributed(device_hint: str | None) -> tuple[Dist, torch.device]:
+    """From torchrun's environment variables; a plain process is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
+        dev = torch.device(device_hint or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return Dist(), dev
+    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
+    if use_cuda:
+        dev = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return d, dev
+
+
+# ----------------------------------------------------------------------------------------------------
+class MetricLogger:
+    """Running averages of a few meters, shown on a tqdm bar (torchvision's MetricLogger, smaller)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def update(self, n: int = 1, **values):
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+            self.counts[k] = self.counts.get(k, 0) + n
+
+    def avg(self, k: str) -> float:
+        return self.sums[k] / max(self.counts[k], 1)
+
+    def __str__(self):
+        return " ".join(f"{k}={self.avg(k):.4g}" for k in self.sums)
+
+
+def _bar(total, desc, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+
+
+def train_one_epoch(model, criterion, optimizer, loader, device, epoch: int, cfg: TrainConfig,
+                    scaler=None, progress: bool = True) -> dict:
+    """One pass over the training set; feature scale clipping after every step (Sec. 3)."""
+    model.train()
+    log = MetricLogger()
+    clipped = 0
+    bar = _bar(len(loader), f"epoch {epoch}", progress)
+    amp = scaler is not None
+    for x, y, _, _errors in loader:
+        if x is None:  # a batch of only unreadable files
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            out = model(x)
+            loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        if amp:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if cfg.clip_radius > 0:
+            clipped += clip_filters(model, cfg.clip_radius)
+        acc1 = (out.argmax(1) == y).float().mean()
+        log.update(len(y), loss=loss.item(), acc1=acc1.item())
+        bar.update(1)
+        bar.set_postfix_str(str(log))
+    bar.close()
+    return {"train_loss": log.avg("loss") if log.counts else math.nan,
+            "train_top1_err": 100.0 * (1 - log.avg("acc1")) if log.counts else math.nan,
+            "clipped_filters": clipped}
+
+
+def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, 10, C, H, W) -> (N, classes): the softmax averaged over the 10 crops (Sec. 3 / Table 2)."""
+    n, k = x.shape[:2]
+    return model(x.flatten(0, 1)).float().softmax(-1).view(n, k, -1).mean(1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, desc: str = "val") -> dict:
+    """Top-1 / top-5 error (%) over this process's share, summed over all processes."""
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64)  # n, top1 correct, top5 correct, loss sum
+    bar = _bar(len(loader), desc, progress)
+    for x, y, _, _errors in loader:
+        if x is not None:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+                probs = ten_crop_probs(model, x) if x.dim() == 5 else model(x).float().softmax(-1)
+            top = probs.topk(min(5, probs.shape[1]), 1).indices
+            counts += torch.tensor([len(y), (top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
+                                    F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()],
+                                   dtype=torch.float64)
+        bar.update(1)
+    bar.close()
+    counts = d.all_sum(counts.to(device)).cpu()
+    n = max(counts[0].item(), 1)
+    return {"val_top1_err": 100.0 * (1 - counts[1].item() / n), "val_top5_err": 100.0 * (1 - counts[2].item() / n),
+            "val_loss": counts[3].item() / n, "val_images": int(counts[0].item())}
+
+
+# ----------------------------------------------------------------------------------------------------
+def _datasets(cfg: TrainConfig):
+    """(train paths, train labels, val paths, val labels, class names)."""
+    if not cfg.data:
+        raise ZfnetError("no training data: pass --data DIR (class subfolders, or train/ and val/ inside)")
+    root = Path(cfg.data)
+    if cfg.val_data is None and cfg.train_per_class is None and (root / "train").is_dir():
+        root, val_root = root / "train", root / "val"
+    else:
+        val_root = Path(cfg.val_data) if cfg.val_data else None
+    paths, labels, classes = list_images(root)
+    if labels is None:
+        raise ZfnetError(f"{root} has no class subfolders; training needs one folder per class")
+    if cfg.train_per_class:
+        tr, te = split_per_class(labels, cfg.train_per_class, cfg.split_seed)
+        vp, vl = [paths[i] for i in te], [labels[i] for i in te]
+        paths, labels = [paths[i] for i in tr], [labels[i] for i in tr]
+    elif val_root is not None:
+        vp, vl, vclasses = list_images(val_root)
+        if vclasses != classes:
+            raise ZfnetError(f"validation folder {val_root} does not have the same class folders as {root}")
+    else:
+        vp, vl = [], []
+    return paths, labels, vp, vl, classes
+
+
+@torch.no_grad()
+def mean_image(ds: TrainImages, d: Dist, batch_size: int, workers: int, progress: bool):
+    """Sec. 3: the per-pixel mean (3, R, R) over the training set; also finds unreadable files."""
+    ds.mean_image, mode = None, ds.mode
+    ds.mode = "none"
+    idx = list(range(d.rank, len(ds), d.world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, idx), batch_size=batch_size,
+                                         num_workers=0 if ds.cache is not None else workers, collate_fn=collate)
+    total = torch.zeros(3, ds.resize, ds.resize, dtype=torch.float64)
+    bad = torch.zeros(len(ds), dtype=torch.float64)
+    bar = _bar(len(loader), "mean image", progress)
+    n = 0
+    for x, _, _, errors in loader:
+        if x is not None:
+            total += x.double().sum(0)
+            n += len(x)
+        for i, msg in errors:
+            bad[i] = 1
+            print(f"zfnet: skipping {msg}", file=sys.stderr)
+        bar.update(1)
+    bar.close()
+    stats = d.all_sum(torch.cat([total.flatten(), torch.tensor([float(n)], dtype=torch.float64), bad]))
+    total, n, bad = stats[:total.numel()].view_as(total), stats[total.numel()].item(), stats[total.numel() + 1:]
+    ds.mode = mode
+    if n == 0:
+        raise ZfnetError("none of the training images could be read")
+    return (total / n).float(), [i for i in range(len(ds)) if bad[i] > 0]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def _epoch_seed(cfg, epoch: int, rank: int) -> int:
+    return (cfg.seed * 1009 + epoch) * 101 + rank
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Train (or resume) the run in `cfg.out`. Returns the last epoch's metrics (rank 0: all epochs)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d, device = init_distributed(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    out = Path(cfg.out)
+    resume = ckpt.latest(out)
+    state = ckpt.load_checkpoint(resume) if resume else None
+    if state is not None:
+        old = state["config"]
+        diff = [k for k, v in dataclasses.asdict(cfg).items()
+                if k not in _RESUMABLE and _plain(v) != _plain(old.get(k))]
+        if diff:
+            raise ZfnetError(f"{out} holds a run with different settings ({', '.join(diff)}); resume with the "
+                             f"same settings or choose another --out")
+    paths, labels, vpaths, vlabels, classes = _datasets(cfg)
+    if len(paths) < cfg.batch_size:
+        raise ZfnetError(f"{len(paths)} training images is fewer than one batch ({cfg.batch_size}); lower "
+                         f"--batch-size")
+    train_ds = TrainImages(paths, labels, cfg.resize, cfg.crop, "random", cfg.flip, cache=cfg.cache, seed=cfg.seed)
+    if state is not None:
+        train_ds.mean_image, bad = state["mean_image"], list(state.get("skipped_train", []))
+        if train_ds.cache is not None:  # warm the cache (decode once) before timing epochs
+            mean_image(train_ds, Dist(), cfg.batch_size, cfg.workers, cfg.progress and d.main)
+            train_ds.mean_image = state["mean_image"]
+    else:
+        mean, bad = mean_image(train_ds, d, cfg.batch_size, cfg.workers, cfg.progress and d.main)
+        train_ds.mean_image = mean
+    if bad:  # unreadable training files: dropped before batching so every process takes the same steps
+        keep = [i for i in range(len(train_ds)) if i not in set(bad)]
+        train_ds.paths = [train_ds.paths[i] for i in keep]
+        train_ds.labels = [train_ds.labels[i] for i in keep]
+        if train_ds.cache is not None:
+            train_ds.cache = {j: train_ds.cache[i] for j, i in enumerate(keep) if i in train_ds.cache}
+    val_ds = TrainImages(vpaths, vlabels, cfg.resize, cfg.crop, "ten" if cfg.val_crops == "ten" else "center",
+                         mean_image=train_ds.mean_image, cache=cfg.cache)
+
+    torch.manual_seed(cfg.seed)
+    arch = cfg.arch(len(classes))
+    model = build_model(arch).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
+                                                           patience=cfg.lr_patience)
+    scaler = torch.amp.GradScaler("cuda") if amp else None
+    start, history = 1, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start, history = int(state["epoch"]) + 1, list(state["metrics"])
+        if d.main:
+            print(f"zfnet: resuming {out} after epoch {start - 1}", file=sys.stderr)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if d.world > 1 else model
+    criterion = nn.CrossEntropyLoss()
+    sampler = GlobalBatches(len(train_ds), cfg.batch_size, d.rank, d.world, cfg.seed)
+    loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, num_workers=cfg.workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda",
+                                         persistent_workers=False)
+    val_idx = list(range(d.rank, len(val_ds), d.world))
+    val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, val_idx),
+                                             batch_size=max(1, cfg.batch_size // (10 if cfg.val_crops == "ten" else 1)),
+                                             num_workers=cfg.workers, collate_fn=collate)
+    show = cfg.progress and d.main
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start, cfg.epochs + 1):
+        t0 = time.time()
+        torch.manual_seed(_epoch_seed(cfg, epoch, d.rank))  # dropout masks: a function of (seed, epoch, rank)
+        sampler.epoch = train_ds.epoch = epoch
+        metrics = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        metrics.update(train_one_epoch(net, criterion, optimizer, loader, device, epoch, cfg, scaler, show))
+        if len(val_ds):
+            metrics.update(evaluate(model, val_loader, device, d, show))
+            scheduler.step(metrics["val_top1_err"])
+        metrics["seconds"] = round(time.time() - t0, 2)
+        history.append(metrics)
+        if d.main:
+            _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, train_ds, bad)
+            print("zfnet: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in metrics.items()), file=sys.stderr)
+        if d.world > 1:
+            dist.barrier()  # no process starts the next epoch (or exits) before the checkpoint is on disk
+    if d.main and history:
+        write_json(out / "metrics.json", {"schema": 1, "config": dataclasses.asdict(cfg), "arch": arch,
+                                          "epochs": history})
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return {"epochs": history, "out": str(out)}
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, train_ds, bad):
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    common = {"model": sd, "mean_image": train_ds.mean_image.cpu(), "categories": list(classes),
+              "arch": arch, "epoch": epoch, "metrics": history[-1:]}
+    if cfg.snapshots:
+        ckpt.save_checkpoint(common, out / ckpt.SNAPSHOT.format(epoch))
+    full = dict(common, config={k: _plain(v) for k, v in dataclasses.asdict(cfg).items()},
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict() if scaler is not None else {}, metrics=history,
+                rng=_rng_state(), skipped_train=list(bad))
+    ckpt.save_checkpoint(full, out / ckpt.LATEST)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line options, generated from TrainConfig so the two never disagree.
+def add_config_args(p, skip: tuple = ()) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        opt = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.type in ("bool", bool):
+            p.add_argument(opt, type=_bool, default=default, metavar="yes|no", help=f"(default: {default})")
+        elif f.name == "widths":
+            p.add_argument(opt, type=_ints, default=None, metavar="C1,C2,C3,C4,C5",
+                           help="conv1..conv5 widths (default: 96,256,384,384,256)")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(opt, type=kind, default=default, help=f"(default: {default})")
+
+
+def config_from_args(args, **override) -> TrainConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "yes", "true", "on"):
+        return True
+    if s.lower() in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(s)
+
+
+def _ints(s: str) -> tuple:
+    return tuple(int(v) for v in s.split(","))
