@@ -1,0 +1,237 @@
+"""The feature atlas (Fig. 2): for every feature map, its 9 strongest activations across a dataset, each
+projected to pixels with the deconvnet, beside the receptive-field patches of the input they came from.
+
+`atlas()` = `mine()` (one streaming pass for all layers) + `project()` (deconvnet, many (unit, image)
+pairs per backward pass) + cropping to each unit's receptive field (the layer table's window) + PNGs,
+and finally the static HTML site of `zfnet.report`. Every step writes into one result folder:
+
+    result.json            schema 1: model, data, config, per layer/channel the top-k entries, skipped files
+    mine.npz               the mined arrays (value, image, y, x per layer), exact
+    units/<slug>_proj.png  3x3 deconvnet projections of one unit (best first, row-major)
+    units/<slug>_patch.png the 3x3 matching input patches
+    layers/<layer>.png     a Fig. 2-style panel of the layer (projections | patches for a sample of units)
+    index.html, layers/<layer>.html, units/<slug>.html   the site
+
+Resuming (`resume=True`) continues the mining pass from its state file and skips layers whose pictures
+are complete.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .data import ImageDataset, Preprocess
+from .layers import feature_layers, layer_table
+from .mine import MineResult, init_distributed, mine
+from .render import grid, image_to_rgb, save_png, signed_to_rgb
+from .report import safe_name, unit_files
+from .results import read_json, save_npz, write_json
+
+__all__ = ["AtlasResult", "atlas"]
+
+SCHEMA = 1  # of result.json
+_GREY = 128
+
+
+@dataclass
+class AtlasResult:
+    out: Path
+    mined: MineResult
+    meta: dict = field(default_factory=dict)  # the result.json content
+
+    def to_json(self) -> dict:
+        return self.meta
+
+
+# ----------------------------------------------------------------------------------------------------
+def _tile(crop: np.ndarray, box, full, input_size, tile: int) -> np.ndarray:
+    """Place a (h, w, 3) uint8 crop of the window `box` where it sits in the unit's unclipped receptive
+    field `full` = (start_y, start_x, size_y, size_x) (grey where the field hangs over the image border, so
+    the unit stays centred), then scale to at most `tile` pixels."""
+    y0, _, x0, _ = box
+    H, W = input_size
+    fy, fx, sy, sx = full
+    ch, cw = min(sy, H), min(sx, W)
+    canvas = np.full((ch, cw, 3), _GREY, np.uint8)
+    oy = y0 - fy if sy <= H else 0
+    ox = x0 - fx if sx <= W else 0
+    crop = crop[:ch - oy, :cw - ox]
+    canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
+    if max(ch, cw) > tile:
+        s = tile / max(ch, cw)
+        size = (max(1, round(cw * s)), max(1, round(ch * s)))
+        canvas = np.asarray(Image.fromarray(canvas).resize(size, Image.LANCZOS))
+    return canvas
+
+
+def _unit_grid(tiles: list[np.ndarray | None], k: int, size: tuple[int, int]) -> np.ndarray:
+    ncol = math.ceil(math.sqrt(k))
+    blank = np.full((*size, 3), 255, np.uint8)
+    return grid([t if t is not None else blank for t in tiles] + [blank] * (k - len(tiles)), ncol)
+
+
+def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDataset, out: Path, *,
+                   k: int, tile: int, batch_size: int, mode: str, channels, progress: bool, device, dtype):
+    """Project every (unit, top image) pair of one layer and write the unit pictures."""
+    from tqdm.auto import tqdm
+
+    from .project import project
+
+    info = table[layer]
+    H, W = table.input_size
+    f = info.field
+    d = mined.layers[layer]
+    pairs = [(int(d["image"][c, j]), c, j) for c in channels for j in range(k) if int(d["image"][c, j]) >= 0]
+    pairs.sort()  # by image: each source image is decoded about once per layer
+    proj: dict[tuple[int, int], np.ndarray] = {}
+    patch: dict[tuple[int, int], np.ndarray] = {}
+    cache: dict[int, torch.Tensor | None] = {}
+    bar = tqdm(total=len(pairs), desc=f"project {layer}", unit="proj", disable=not progress, leave=False)
+    try:
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            need = sorted({i for i, _, _ in chunk})
+            cache = {i: cache[i] if i in cache else dataset[i][0] for i in need}  # keeps only this chunk's
+            ok = [(i, c, j) for i, c, j in chunk if cache[i] is not None]  # a file changed since mining
+            if ok:
+                x = torch.stack([cache[i] for i, _, _ in ok]).to(device, dtype)
+                units = [f"{layer}:{c}@{int(d['y'][c, j])},{int(d['x'][c, j])}" for _, c, j in ok]
+                g = project(model, x, units, mode, pairs=True, batch_size=batch_size).float().cpu()
+                pics = dataset.transform.unnormalize(x.float().cpu()) if hasattr(dataset.transform, "unnormalize") \
+                    else x.float().cpu()
+                for b, (_, c, j) in enumerate(ok):
+                    y, xx = int(d["y"][c, j]), int(d["x"][c, j])
+                    box = info.window(y, xx, (H, W))
+                    full = (f.start_y + y * f.jump_y, f.start_x + xx * f.jump_x, f.size_y, f.size_x) if f \
+                        else (0, 0, H, W)
+                    win = (slice(None), slice(box[0], box[1]), slice(box[2], box[3]))
+                    # each projection scaled by its own largest magnitude, as the paper displays them
+                    proj[c, j] = _tile(signed_to_rgb(g[b][win]), box, full, (H, W), tile)
+                    patch[c, j] = _tile(image_to_rgb(pics[b][win]), box, full, (H, W), tile)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    sizes = [t.shape[:2] for t in proj.values()] or [(1, 1)]
+    size = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    for c in channels:
+        files = unit_files(layer, c)
+        save_png(_unit_grid([proj.get((c, j)) for j in range(k)], k, size), out / files["proj"])
+        save_png(_unit_grid([patch.get((c, j)) for j in range(k)], k, size), out / files["patch"])
+
+
+def _layer_figure(out: Path, layer: str, channels: list[int], n: int) -> str:
+    """Fig. 2 style panel: for n units spread over the layer, projections | patches, 4 units a row."""
+    pick = [channels[round(i * (len(channels) - 1) / max(n - 1, 1))] for i in range(min(n, len(channels)))]
+    pick = list(dict.fromkeys(pick))
+    blocks = []
+    for c in pick:
+        files = unit_files(layer, c)
+        a = np.asarray(Image.open(out / files["proj"]).convert("RGB"))
+        b = np.asarray(Image.open(out / files["patch"]).convert("RGB"))
+        blocks.append(grid([a, b], 2, pad=2, fill=255))
+    rel = f"layers/{safe_name(layer)}.png"
+    save_png(grid(blocks, min(4, len(blocks)), pad=8, fill=255), out / rel)
+    return rel
+
+
+# ----------------------------------------------------------------------------------------------------
+def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | None = None, *, k: int = 9,
+          batch_size: int = 32, preprocess: Preprocess | None = None, resume: bool = False,
+          progress: bool = True, workers: int = 0, tile: int = 64, mode: str = "deconv",
+          figure_units: int = 16, model_name: str | None = None, weights: str | None = None,
+          site: bool = True) -> AtlasResult:
+    """Build the feature atlas of `model` over an image folder into the folder `out`.
+
+    Args:
+        data: image folder (or ImageDataset); paths in result.json are relative to it.
+        layers: module names (default: `feature_layers(model)`).
+        k: top activations per feature map (9 in the paper).
+        batch_size: images per mining forward pass and projections per backward pass.
+        resume: continue an interrupted run in `out` (otherwise an old state there is discarded).
+        tile: largest side, in pixels, of each projection / patch picture.
+        mode: projection rule, "deconv" (the paper), "guided" or "saliency".
+        figure_units: units shown in each layer's Fig. 2-style panel.
+        model_name, weights: recorded in result.json and shown on the site.
+        site: also write the HTML pages (zfnet.report).
+    Returns: AtlasResult; files as listed in the module docstring.
+    """
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    preprocess = preprocess or Preprocess.for_model(model)
+    if isinstance(data, ImageDataset):
+        dataset = data if data.transform is preprocess else ImageDataset(data.paths, data.labels, preprocess)
+        if getattr(data, "root", None) is not None:
+            dataset.root = data.root
+    else:
+        dataset = ImageDataset.from_folder(data, preprocess)
+    layers = list(dict.fromkeys(layers or feature_layers(model)))
+    state = out / "mine-state.pt"
+    rank, world = init_distributed(next(model.parameters()).device)
+    if not resume and rank == 0:
+        for old in [state, *out.glob("mine-state.pt.rank*")]:
+            old.unlink(missing_ok=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    mined = mine(model, dataset, layers, k=k, batch_size=batch_size, state=state, progress=progress,
+                 workers=workers)
+    t_mine = time.time() - t0
+    if rank == 0:
+        save_npz(out / "mine.npz", **{f"{n}.{key}": t.numpy() for n, d in mined.layers.items()
+                                      for key, t in d.items()})
+
+    p = next(model.parameters())
+    table = layer_table(model, (preprocess.size, preprocess.size))
+    done_marker = out / "layers" / ".done.json"
+    done = read_json(done_marker) if resume and done_marker.exists() else {}
+    figures = {}
+    for name in layers:
+        C = mined.layers[name]["value"].shape[0]
+        key = f"{name}|{k}|{tile}|{mode}"
+        if done.get(name) != key:
+            mine_channels = [c for c in range(C) if c % world == rank]  # ranks share the projections
+            _project_layer(model, mined, name, table, dataset, out, k=k, tile=tile, batch_size=batch_size,
+                           mode=mode, channels=mine_channels, progress=progress, device=p.device, dtype=p.dtype)
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.barrier()
+        if rank == 0:
+            figures[name] = _layer_figure(out, name, list(range(C)), figure_units)
+            done[name] = key
+            write_json(done_marker, done)
+    t_total = time.time() - t0
+
+    meta = mined.to_json()
+    meta.update({
+        "schema": SCHEMA,
+        "model": model_name or type(model).__name__,
+        "weights": weights,
+        "data": str(Path(mined.root).resolve()) if mined.root else None,
+        "config": {"layers": layers, "k": k, "batch_size": batch_size, "mode": mode, "tile": tile,
+                   "preprocess": {"preset": preprocess.preset, "resize": preprocess.resize,
+                                  "size": preprocess.size}, "world_size": world},
+        "table": {n: table[n].to_json() for n in layers},
+        "figures": figures,
+        "timing": {"mine_s": round(t_mine, 3), "total_s": round(t_total, 3), "images": mined.images},
+    })
+    meta = {"schema": SCHEMA, "model": meta.pop("model"), **meta}
+    result = AtlasResult(out, mined, meta)
+    if rank == 0:
+        write_json(out / "result.json", meta)
+        if site:
+            from .report import write_site
+
+            write_site(out)
+    return result
