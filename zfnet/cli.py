@@ -314,51 +314,6 @@ def _correspond(args):
     return 0
 
 
-def _atlas_args(p):
-    add_model_args(p)
-    p.add_argument("--data", default=None, help="image folder (default: the sample photos shipped with zfnet)")
-    p.add_argument("--layers", default=None, help="comma-separated layer names (default: the rectified conv "
-                   "outputs; see `zfnet layers`)")
-    p.add_argument("--k", type=int, default=9, help="top activations per feature map (default: %(default)s)")
-    p.add_argument("--out", default="atlas", help="result folder (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
-                   help="projection rule (default: the paper's deconvnet)")
-    p.add_argument("--tile", type=int, default=64, help="largest side of each picture in pixels (default: 64)")
-    p.add_argument("--json", action="store_true", help="print only the result summary as JSON on stdout")
-
-
-@command("atlas", "Fig. 2: top-9 activations of every feature map over a dataset, projected, as an HTML site")(
-    _atlas_args)
-def _atlas(args):
-    import torch
-
-    from .atlas import atlas
-    from .samples import sample_dir
-
-    if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
-        torch.cuda.set_device(args.device)
-    model = load_from_args(args)
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
-    data = args.data or str(sample_dir())
-    res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
-                progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
-                model_name=args.model, weights=args.weights)
-    if int(os.environ.get("RANK", "0")) == 0:
-        summary = {"out": str(res.out), "index": str(res.out / "index.html"), "images": res.mined.images,
-                   "layers": list(res.mined.layers), "skipped": len(res.mined.skipped),
-                   "timing": res.meta.get("timing")}
-        if args.json:
-            emit_json(summary)
-        else:
-            print(f"atlas of {res.mined.images} images, {len(res.mined.layers)} layers: {res.out / 'index.html'}")
-        report_skipped(res.mined.skipped)
-    return 0 if res.mined.images else 1
-
-
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zfnet", description="Visualize and understand any PyTorch convnet "
