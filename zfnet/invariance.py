@@ -70,8 +70,11 @@ def transform_image(x: torch.Tensor, kind: str, value: float) -> torch.Tensor:
     """
     H, W = x.shape[-2:]
     if kind == "translate":
-        if value == 0:
-            return x.clone()
+        if value == int(value):  # whole pixels: an exact shift, no resampling
+            t, out = int(value), torch.zeros_like(x)
+            if abs(t) < H:
+                out[..., max(t, 0):H + min(t, 0), :] = x[..., max(-t, 0):H - max(t, 0), :]
+            return out
         M, b = np.eye(2), np.array([0.0, -value])
     elif kind == "scale":
         if value <= 0:
@@ -187,11 +190,15 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
                 rows = [r for r, (kk, _) in enumerate(index) if kk == k]
                 dist[k][name].append(d[rows])
                 norm[k][name].append(d[rows] / ref)
-    stack = lambda d: {k: (stack(v) if isinstance(v, dict) else np.array(v).reshape(len(files), -1))  # noqa: E731
-                       for k, v in d.items()}
+    def arr(rows, k):  # (images, sweep values), also when every image was skipped
+        return np.array(rows, dtype=float).reshape(len(files), len(sweeps[k]))
+
+
     return InvarianceResult(
         files=files, labels=labs, label_names=[cats[i] if i < len(cats) else str(i) for i in labs],
-        layers=layers, sweeps=sweeps, distance=stack(dist), normalized=stack(norm), prob=stack(prob),
+        layers=layers, sweeps=sweeps, distance={k: {n: arr(v, k) for n, v in d.items()} for k, d in dist.items()},
+        normalized={k: {n: arr(v, k) for n, v in d.items()} for k, d in norm.items()},
+        prob={k: arr(v, k) for k, v in prob.items()},
         skipped=skipped, config={"layers": layers, "sweeps": sweeps, "labels": labels,
                                  "preprocessing": pre.preset, "input_size": s})
 
