@@ -62,8 +62,8 @@ def _tile(crop: np.ndarray, box, full, input_size, tile: int) -> np.ndarray:
     fy, fx, sy, sx = full
     ch, cw = min(sy, H), min(sx, W)
     canvas = np.full((ch, cw, 3), _GREY, np.uint8)
-    oy = y0 - fy if sy <= H else 0
-    ox = x0 - fx if sx <= W else 0
+    oy = max(0, y0 - fy) if sy <= H else 0
+    ox = max(0, x0 - fx) if sx <= W else 0
     crop = crop[:ch - oy, :cw - ox]
     canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
     if max(ch, cw) > tile:
