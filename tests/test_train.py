@@ -158,7 +158,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([PY, "-m", "zfnet"] + cli_args(killed), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    first = Path(killed.out) / "epoch_001.pth"
+    first = Path(killed.out) / "checkpoint.pth"  # written after epoch_001.pth: the full state of epoch 1
     deadline = time.time() + 60
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
