@@ -22,7 +22,7 @@ class Tiny(nn.Module):
     """Two conv layers (one with an in-place ReLU) and a vector layer, float64 so that comparisons with
     the brute force are exact even though batches are composed differently."""
 
-    def __init__(self):
+    def __init__(self, dtype=torch.float64):
         super().__init__()
         torch.manual_seed(0)
         self.conv1 = nn.Conv2d(3, 6, 5, 2, 2)
@@ -36,7 +36,7 @@ class Tiny(nn.Module):
         with torch.no_grad():  # channel 5 of conv1 is dead: all its values tie at 0
             self.conv1.weight[5] = -self.conv1.weight[5].abs()
             self.conv1.bias[5] = -1.0
-        self.double().eval()
+        self.to(dtype).eval()
 
     def forward(self, x):
         x = self.pool1(self.relu1(self.conv1(x)))
@@ -58,12 +58,12 @@ def make_folder(root, n=13, seed=0):
     return root
 
 
-def brute_force(model, folder, layers, k):
+def brute_force(model, folder, layers, k, dtype=torch.float64):
     """Per-image forward passes, one image at a time; python sorting of (-value, image, location)."""
     ds = ImageDataset.from_folder(folder, PRE)
     maps = {n: [] for n in layers}
     for i in range(len(ds)):
-        x = ds[i][0][None].double()
+        x = ds[i][0][None].to(dtype)
         out = run_with_taps(model, x, layers)
         for n in layers:
             maps[n].append(out[n][0])
@@ -83,14 +83,15 @@ def brute_force(model, folder, layers, k):
     return res
 
 
-def check_equal_brute(result, brute, layers, k, widths):
+def check_equal_brute(result, brute, layers, k, widths, rtol=1e-9, atol=0.0):
     for n in layers:
         d = result.layers[n]
         for c, expect in enumerate(brute[n]):
             got_img = d["image"][c].tolist()
             assert got_img[:len(expect)] == [e[1] for e in expect], (n, c)
             assert got_img[len(expect):] == [-1] * (k - len(expect))
-            np.testing.assert_allclose(d["value"][c, :len(expect)].numpy(), [-e[0] for e in expect], rtol=1e-9)
+            np.testing.assert_allclose(d["value"][c, :len(expect)].numpy(), [-e[0] for e in expect], rtol=rtol,
+                                       atol=atol)
             W = widths[n]
             assert d["y"][c, :len(expect)].tolist() == [e[2] // W for e in expect]
             assert d["x"][c, :len(expect)].tolist() == [e[2] % W for e in expect]
@@ -108,12 +109,16 @@ def folder(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("mine") / "imgs")
 
 
-@pytest.mark.parametrize("k,batch_size", [(4, 3), (20, 5)])
-def test_equals_brute_force_with_ties(folder, k, batch_size):
-    model = Tiny()
+@pytest.mark.parametrize("k,batch_size,dtype", [(4, 3, torch.float64), (20, 5, torch.float64),
+                                               (4, 3, torch.float32), (20, 4, torch.float32)])
+def test_equals_brute_force_with_ties(folder, k, batch_size, dtype):
+    """float32 takes the packed-key path, float64 the two-stable-sorts path: both equal brute force."""
+    model = Tiny(dtype)
     res = mine(model, folder, LAYERS, k=k, batch_size=batch_size, preprocess=PRE, progress=False)
-    brute = brute_force(model, folder, LAYERS, k)
-    check_equal_brute(res, brute, LAYERS, k, {"relu1": 16, "relu2": 8, "fc": 1})
+    brute = brute_force(model, folder, LAYERS, k, dtype)
+    check_equal_brute(res, brute, LAYERS, k, {"relu1": 16, "relu2": 8, "fc": 1},
+                      rtol=1e-9 if dtype == torch.float64 else 1e-6,  # float32: batch-dependent ulps
+                      atol=0 if dtype == torch.float64 else 1e-6)
     # the ties really are exercised: dead channel all 0 -> images in index order, location 0
     assert res.layers["relu1"]["image"][5, :4].tolist() == [0, 1, 2, 3]
     assert res.layers["relu1"]["value"][5].max() == 0
@@ -121,6 +126,19 @@ def test_equals_brute_force_with_ties(folder, k, batch_size):
     js = res.to_json()
     assert js["layers"]["relu2"]["0"][0]["image"] == f"img{int(res.layers['relu2']['image'][0, 0]):02d}.png"
     assert len(js["layers"]["fc"]["1"]) == min(k, 13)
+
+
+def test_packed_keys_rank_like_floats():
+    from zfnet.mine import _decode, _encode
+
+    v = torch.tensor([0.0, -0.0, 1.5, -1.5, float("inf"), float("-inf"), 1e-45, -1e-45, 3.0, 3.0, 1.5, -2.0])
+    img = torch.tensor([4, 3, 0, 1, 9, 8, 7, 6, 11, 10, 2, 5])
+    key = _encode(v, img)
+    order = key.argsort(descending=True).tolist()
+    expect = sorted(range(len(v)), key=lambda j: (-float(v[j]), int(img[j])))  # -0.0 ties +0.0
+    assert order == expect
+    dv, di = _decode(key)
+    assert torch.equal(di, img) and torch.equal(dv, v + 0.0)
 
 
 def test_duplicates_tie_to_lower_index(folder):
@@ -187,8 +205,9 @@ class DiesAt(ImageDataset):
         return super().__getitem__(i)
 
 
-def test_resume_after_crash_gives_identical_result(folder, tmp_path):
-    model = Tiny()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_resume_after_crash_gives_identical_result(folder, tmp_path, dtype):
+    model = Tiny(dtype)
     base = ImageDataset.from_folder(folder, PRE)
     ref = mine(model, base, LAYERS, k=4, batch_size=2, progress=False)
     state = tmp_path / "state.pt"
@@ -215,7 +234,7 @@ def _worker(rank, world, init, folder, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        res = mine(Tiny(), folder, LAYERS, k=4, batch_size=3, preprocess=PRE, progress=False)
+        res = mine(Tiny(torch.float32), folder, LAYERS, k=4, batch_size=3, preprocess=PRE, progress=False)
         torch.save({"layers": res.layers, "images": res.images, "skipped": res.skipped}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -227,7 +246,7 @@ def test_two_processes_on_gloo_merge_to_single_process(tmp_path):
 
     root = make_folder(tmp_path / "imgs", n=11)
     (root / "bad.jpg").write_bytes(b"")
-    ref = mine(Tiny(), root, LAYERS, k=4, batch_size=3, preprocess=PRE, progress=False)
+    ref = mine(Tiny(torch.float32), root, LAYERS, k=4, batch_size=3, preprocess=PRE, progress=False)
     out = tmp_path / "res"
     mp.start_processes(_worker, args=(2, f"file://{tmp_path / 'init'}", root, str(out)), nprocs=2,
                        start_method="spawn")

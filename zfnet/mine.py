@@ -111,32 +111,85 @@ def _spatial_max(name, t):
     return t, torch.zeros_like(t, dtype=torch.long), (1, 1)
 
 
+_LOW = 0xFFFFFFFF
+
+
+def _encode(value: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """float32 values and image indices -> int64 keys whose numeric order IS the ranking order.
+
+    High 32 bits: the float's bits made order-preserving as a signed int (negative floats have their
+    magnitude bits flipped); low 32 bits: 2^32-1 - image, so a lower index ranks higher; 0 = no image.
+    Keys are unique per channel, so one topk (no stable sorts) gives the deterministic top-k.
+    """
+    bits = (value + 0.0).contiguous().view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0 (they tie)
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    low = torch.where(image == _NO_IMAGE, torch.zeros_like(image), _LOW - image)
+    return (ordered << 32) + low
+
+
+def _decode(key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered = key >> 32
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered)
+    value = bits.to(torch.int32).view(torch.float32)
+    low = key & _LOW
+    return value, torch.where(low == 0, torch.full_like(low, _NO_IMAGE), _LOW - low)
+
+
 class _TopK:
-    """Running top-k buffers of one process: {layer: [value, image, loc]} each (C, k)."""
+    """Running top-k buffers of one process, per layer (C, k).
+
+    float32 values (the usual case) are kept as packed int64 keys merged with one topk per batch; other
+    dtypes (float64 models) as (value, image, loc) merged with `merge_topk`. Both give the same order.
+    """
 
     def __init__(self, k: int):
         self.k = k
-        self.buf: dict[str, list[torch.Tensor]] = {}
+        self._key: dict[str, list[torch.Tensor]] = {}  # layer -> [key, loc]
+        self._vil: dict[str, list[torch.Tensor]] = {}  # layer -> [value, image, loc]
         self.sizes: dict[str, tuple[int, int]] = {}
 
+    def __contains__(self, name: str) -> bool:
+        return name in self._key or name in self._vil
+
     def add(self, name: str, values: torch.Tensor, loc: torch.Tensor, index: torch.Tensor, size):
-        # at least float32 (half models), float64 kept; NaN ranks last
-        values = values.to(torch.promote_types(values.dtype, torch.float32))
-        values = torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf")).t()  # (C, B)
+        values = values.to(torch.promote_types(values.dtype, torch.float32))  # half models -> float32
+        values = torch.nan_to_num(values, nan=float("-inf"), posinf=float("inf")).t()  # (C, B); NaN last
         loc = loc.t()
         index = index.to(values.device).view(1, -1).expand_as(values)
-        if name not in self.buf:
-            C = values.shape[0]
+        if name not in self:
             self.sizes[name] = tuple(int(s) for s in size)
-            self.buf[name] = [torch.full((C, self.k), float("-inf"), dtype=values.dtype, device=values.device),
-                              torch.full((C, self.k), _NO_IMAGE, dtype=torch.long, device=values.device),
-                              torch.full((C, self.k), -1, dtype=torch.long, device=values.device)]
-        v, i, lc = self.buf[name]
-        self.buf[name] = list(merge_topk(torch.cat([v, values], 1), torch.cat([i, index], 1),
-                                         torch.cat([lc, loc], 1), self.k))
+            C, dev = values.shape[0], values.device
+            self.set(name, torch.full((C, self.k), float("-inf"), dtype=values.dtype, device=dev),
+                     torch.full((C, self.k), _NO_IMAGE, dtype=torch.long, device=dev),
+                     torch.full((C, self.k), -1, dtype=torch.long, device=dev))
+        if name in self._key:
+            key, lc = self._key[name]
+            key = torch.cat([key, _encode(values, index)], 1)
+            key, order = key.topk(self.k, dim=1)  # unique keys: deterministic, sorted best first
+            self._key[name] = [key, torch.cat([lc, loc], 1).gather(1, order)]
+        else:
+            v, i, lc = self._vil[name]
+            self._vil[name] = list(merge_topk(torch.cat([v, values], 1), torch.cat([i, index], 1),
+                                              torch.cat([lc, loc], 1), self.k))
+
+    def get(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(value, image, loc), each (C, k), best first; image _NO_IMAGE where there is none."""
+        if name in self._key:
+            key, lc = self._key[name]
+            return (*_decode(key), lc)
+        return tuple(self._vil[name])
+
+    def set(self, name: str, value: torch.Tensor, image: torch.Tensor, loc: torch.Tensor):
+        if value.dtype == torch.float32:
+            self._key[name] = [_encode(value, image), loc]
+        else:
+            self._vil[name] = [value, image, loc]
+
+    def names(self) -> list[str]:
+        return [*self._key, *self._vil]
 
     def state(self) -> dict:
-        return {n: [t.cpu() for t in b] for n, b in self.buf.items()}
+        return {n: [t.cpu() for t in self.get(n)] for n in self.names()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,14 +216,15 @@ def _gather(topk: _TopK, skipped: list, done: int, layers: list[str], k: int):
     world = dist.get_world_size()
     merged = {}
     for name in layers:
-        v, i, lc = (t.to(dev) for t in topk.buf[name])
+        v, i, lc = (t.to(dev) for t in topk.get(name))
         parts = []
         for t in (v, i, lc):
             out = [torch.empty_like(t) for _ in range(world)]
             dist.all_gather(out, t.contiguous())
             parts.append(torch.cat(out, 1))
-        merged[name] = list(merge_topk(*parts, k))
-    topk.buf = merged
+        merged[name] = merge_topk(*parts, k)
+    for name, (v, i, lc) in merged.items():
+        topk.set(name, v, i, lc)
     extra = [None] * world
     dist.all_gather_object(extra, (skipped, done, topk.sizes))
     all_skipped = sorted((s for e in extra for s in e[0]), key=lambda s: s[0])
@@ -203,7 +257,7 @@ def _save_state(path: Path, fp: str, topk: _TopK, done: int, skipped: list, fini
 def _load_state(path: Path, fp: str, topk: _TopK, device) -> tuple[int, list, bool]:
     try:
         st = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # a truncated or foreign file: say which, never a traceback
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated / foreign
         raise ZfnetError(f"cannot read mining state {path}: {str(e).splitlines()[0][:120]}; delete it to "
                          f"start over") from None
     if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
@@ -211,7 +265,8 @@ def _load_state(path: Path, fp: str, topk: _TopK, device) -> tuple[int, list, bo
     if st["fingerprint"] != fp:
         raise ZfnetError(f"mining state {path} was written for another run (model weights, data, layers, k or "
                          f"shard differ); delete it or write to another folder")
-    topk.buf = {n: [t.to(device) for t in b] for n, b in st["buffers"].items()}
+    for n, (v, i, lc) in st["buffers"].items():
+        topk.set(n, v.to(device), i.to(device), lc.to(device))
     topk.sizes = {n: tuple(s) for n, s in st["sizes"].items()}
     return int(st["done"]), [tuple(s) for s in st["skipped"]], bool(st["finished"])
 
@@ -291,16 +346,16 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
     mined = done - len(skipped)
 
     if world > 1:
-        missing = [n for n in layers if n not in topk.buf]
+        missing = [n for n in layers if n not in topk]
         if missing:  # an empty shard still has to take part in the collective with the right shapes
             raise ZfnetError(f"rank {rank} mined no image (fewer images than processes?)")
         skipped, mined = _gather(topk, skipped, mined, layers, k)
 
     result_layers = {}
     for name in layers:
-        if name not in topk.buf:
+        if name not in topk:
             raise ZfnetError(f"no readable image in {root or 'the dataset'} ({len(skipped)} skipped)")
-        v, i, lc = (t.cpu() for t in topk.buf[name])
+        v, i, lc = (t.cpu() for t in topk.get(name))
         W = topk.sizes[name][1]
         none = i == _NO_IMAGE
         result_layers[name] = {"value": v, "image": i.masked_fill(none, -1),
