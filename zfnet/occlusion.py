@@ -191,88 +191,102 @@ class _Incremental:
         names = [st.name for st in stages]
         self.track_at = names.index(track) + 1 if track in names else None  # index into acts
 
+        # Clean maps pixel-major, (H*W, C): a crop with windows pasted in is then one row gather.
+        self.flat = [a[0].permute(1, 2, 0).reshape(-1, a.shape[1]) if a.dim() == 4 else None
+                     for a in self.acts[:self.n_local + 1]]
+
     def run(self, boxes: list[tuple[int, int, int, int]], fill: float):
         """Model outputs (B, K) and per-channel totals of the tracked layer (B, C) for occluder boxes."""
         x = self.acts[0]
-        # Changed windows of the current activation: one (C, h, w) tensor and its top-left per position.
-        wins = [torch.full((x.shape[1], y1 - y0, x1 - x0), fill, dtype=x.dtype, device=x.device)
-                for y0, y1, x0, x1 in boxes]
-        ys, xs = [b[0] for b in boxes], [b[2] for b in boxes]
+        dev = x.device
+        B = len(boxes)
+        # The changed window of the current activation per position: its top-left (wy, wx), extent
+        # (wh, ww), and values in win (B, nh, nw, C), channels last (torch's fast layout for small convs).
+        b = torch.tensor(boxes, dtype=torch.long, device=dev).view(B, 4)
+        wy, wx, wh, ww = b[:, 0], b[:, 2], b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
+        win = torch.full((B, int(wh.max()), int(ww.max()), x.shape[1]), fill, dtype=x.dtype, device=dev)
         sums, m = None, 0
-        while m < self.n_local and not self._too_big(m, wins):
-            wins, ys, xs = self._stage(m, wins, ys, xs)
+        while m < self.n_local and not self._too_big(m, wh, ww):
+            win, wy, wx, wh, ww = self._stage(m, win, wy, wx, wh, ww)
             m += 1
             if self.track_at == m:
-                sums = self._window_sums(m, wins, ys, xs)
-        # From here every position needs (almost) the whole map: paste the windows and run on full maps.
-        a = self.acts[m].expand(len(boxes), *self.acts[m].shape[1:]).clone()
-        for i, w in enumerate(wins):
-            a[i, :, ys[i]:ys[i] + w.shape[-2], xs[i]:xs[i] + w.shape[-1]] = w
+                sums = self._window_sums(m, win, wy, wx)
+        # From here every position needs (almost) the whole map: paste the windows, run on full maps.
+        H, W = self.acts[m].shape[-2:]
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        a = self._gather(m, win, wy, wx, wh, ww, zero, zero, H, W)
         for j in range(m, len(self.stages)):
             a = self.stages[j].fn(a)
             if self.track_at == j + 1:
                 sums = a.flatten(2).sum(-1) if a.dim() > 2 else a
         return a, sums
 
-    def _too_big(self, m, wins) -> bool:
+    def _gather(self, m, win, wy, wx, wh, ww, r0, c0, h, w):
+        """(B, C, h, w) channels-last crops at (r0, c0) of stage m's clean input with each window pasted."""
+        clean = self.flat[m]
+        C = clean.shape[1]
+        W = self.acts[m].shape[-1]
+        B, nh, nw = win.shape[:3]
+        ar = torch.arange(max(h, w), device=clean.device)
+        gy, gx = r0[:, None] + ar[:h], c0[:, None] + ar[:w]  # (B, h), (B, w) map rows / cols
+        ly, lx = gy - wy[:, None], gx - wx[:, None]  # the same inside each window
+        inside = (((ly >= 0) & (ly < wh[:, None]))[:, :, None]) & (((lx >= 0) & (lx < ww[:, None]))[:, None, :])
+        widx = clean.shape[0] + (torch.arange(B, device=clean.device)[:, None, None] * nh
+                                 + ly.clamp(0, nh - 1)[:, :, None]) * nw + lx.clamp(0, nw - 1)[:, None, :]
+        idx = torch.where(inside, widx, gy[:, :, None] * W + gx[:, None, :])
+        src = torch.cat([clean, win.reshape(-1, C)])
+        return src[idx.reshape(-1)].view(B, h, w, C).permute(0, 3, 1, 2)
+
+    def _too_big(self, m, wh, ww) -> bool:
         """Windows so large that cropping costs more than recomputing full maps."""
-        (ky, sy, py), (kx, sx, px) = self.stages[m].geom
-        h = max(w.shape[-2] for w in wins) + ky - 1
-        w_ = max(w.shape[-1] for w in wins) + kx - 1
+        (ky, _, _), (kx, _, _) = self.stages[m].geom
         H, W = self.acts[m].shape[-2:]
-        return h * w_ >= 0.6 * H * W
+        return (int(wh.max()) + ky - 1) * (int(ww.max()) + kx - 1) >= 0.6 * H * W
 
-    def _window_sums(self, j, wins, ys, xs):
-        clean = self.acts[j][0]
-        total = clean.flatten(1).sum(-1)
-        return torch.stack([total - clean[:, y0:y0 + w.shape[-2], x0:x0 + w.shape[-1]].flatten(1).sum(-1)
-                            + w.flatten(1).sum(-1) for y0, x0, w in zip(ys, xs, wins)])
+    def _window_sums(self, j, win, wy, wx):
+        """Per-channel totals of layer j: clean total - clean window + new window."""
+        B, nh, nw, C = win.shape
+        W = self.acts[j].shape[-1]
+        ar_h, ar_w = torch.arange(nh, device=win.device), torch.arange(nw, device=win.device)
+        idx = (wy[:, None] + ar_h)[:, :, None] * W + (wx[:, None] + ar_w)[:, None, :]
+        clean_win = self.flat[j][idx.reshape(-1)].view(B, nh * nw, C).sum(1)
+        return self.flat[j].sum(0) - clean_win + win.sum((1, 2))
 
-    def _stage(self, m, wins, ys, xs):
-        st, a_in, a_out = self.stages[m], self.acts[m][0], self.acts[m + 1]
+    def _stage(self, m, win, wy, wx, wh, ww):
+        st, a_out = self.stages[m], self.acts[m + 1]
         (ky, sy, py), (kx, sx, px) = st.geom
-        if st.geom == ((1, 1, 0), (1, 1, 0)) and isinstance(wins, torch.Tensor):
-            return st.fn(wins), ys, xs  # elementwise: the changed window maps to itself
-        Hin, Win = a_in.shape[-2:]
+        if st.geom == ((1, 1, 0), (1, 1, 0)) and bool((wh == win.shape[1]).all() and (ww == win.shape[2]).all()):
+            # elementwise: the changed window maps to itself
+            return st.fn(win.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), wy, wx, wh, ww
+        Hin, Win = self.acts[m].shape[-2:]
         Hout, Wout = a_out.shape[-2:]
 
-        def affected(a, b, k, s, p, n):  # output units whose window [u*s-p, u*s-p+k) meets [a, b)
-            return max(0, -((k - 1 - a - p) // s)), min(n, (b - 1 + p) // s + 1)
+        def affected(a, n, k, s, p, size):  # output units whose window [u*s-p, u*s-p+k) meets [a, a+n)
+            return (-((k - 1 - a - p) // s)).clamp(min=0), ((a + n - 1 + p) // s + 1).clamp(max=size)
 
-        spans = [(affected(y0, y0 + w.shape[-2], ky, sy, py, Hout), affected(x0, x0 + w.shape[-1], kx, sx, px, Wout))
-                 for y0, x0, w in zip(ys, xs, wins)]
-        nh = max(1, max(u1 - u0 for (u0, u1), _ in spans))
-        nw = max(1, max(v1 - v0 for _, (v0, v1) in spans))
-        groups: dict = {}
-        for i, ((u0, _), (v0, _)) in enumerate(spans):
-            u0, v0 = min(u0, Hout - nh), min(v0, Wout - nw)  # same-size windows batch together
-            r0, r1 = self._crop(u0, nh, ky, sy, py, Hin)
-            c0, c1 = self._crop(v0, nw, kx, sx, px, Win)
-            key = (r1 - r0, c1 - c0, u0 - r0 // sy, v0 - c0 // sx)
-            groups.setdefault(key, []).append((i, u0, v0, r0, c0))
-        out = torch.empty(len(wins), a_out.shape[1], nh, nw, dtype=a_out.dtype, device=a_out.device)
-        new_ys, new_xs = [0] * len(wins), [0] * len(wins)
-        for (h, w, oy, ox), members in groups.items():
-            crops = []
-            for i, u0, v0, r0, c0 in members:
-                crop = a_in[:, r0:r0 + h, c0:c0 + w].clone()
-                y0, x0, win = ys[i], xs[i], wins[i]
-                ya, yb = max(y0, r0), min(y0 + win.shape[-2], r0 + h)
-                xa, xb = max(x0, c0), min(x0 + win.shape[-1], c0 + w)
-                if ya < yb and xa < xb:
-                    crop[:, ya - r0:yb - r0, xa - c0:xb - c0] = win[:, ya - y0:yb - y0, xa - x0:xb - x0]
-                crops.append(crop)
-                new_ys[i], new_xs[i] = u0, v0
-            idx = torch.tensor([mem[0] for mem in members], device=out.device)
-            out[idx] = st.fn(torch.stack(crops))[:, :, oy:oy + nh, ox:ox + nw]
-        return out, new_ys, new_xs
+        u0, u1 = affected(wy, wh, ky, sy, py, Hout)
+        v0, v1 = affected(wx, ww, kx, sx, px, Wout)
+        nh, nw = max(1, int((u1 - u0).max())), max(1, int((v1 - v0).max()))
+        u0, v0 = u0.clamp(max=Hout - nh), v0.clamp(max=Wout - nw)  # same-size windows batch together
+        r0, r1 = self._crop(u0, nh, ky, sy, py, Hin)
+        c0, c1 = self._crop(v0, nw, kx, sx, px, Win)
+        oy, ox = u0 - r0 // sy, v0 - c0 // sx  # the window's place in the crop's output
+        key = torch.stack([r1 - r0, c1 - c0, oy, ox], 1)
+        out = torch.empty(len(win), nh, nw, a_out.shape[1], dtype=a_out.dtype, device=a_out.device)
+        keys, group = torch.unique(key, dim=0, return_inverse=True)
+        for g, (h, w, gy, gx) in enumerate(keys.tolist()):
+            idx = (group == g).nonzero()[:, 0]
+            crops = self._gather(m, win[idx], wy[idx], wx[idx], wh[idx], ww[idx], r0[idx], c0[idx], h, w)
+            out[idx] = st.fn(crops)[:, :, gy:gy + nh, gx:gx + nw].permute(0, 2, 3, 1)
+        full = torch.ones_like(u0)
+        return out, u0, v0, full * nh, full * nw
 
     @staticmethod
     def _crop(u0, n, k, s, p, size):
         """Input rows [r0, r1) holding the dependencies of output units [u0, u0+n), r0 on the stride grid."""
         start = u0 * s - p
-        r0 = 0 if start <= 0 else (start // s) * s
-        return r0, min(size, (u0 + n - 1) * s - p + k)
+        r0 = torch.where(start <= 0, torch.zeros_like(start), (start // s) * s)
+        return r0, ((u0 + n - 1) * s - p + k).clamp(max=size)
 
 
 def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, fill: float = 0.0, track: str | None = None,

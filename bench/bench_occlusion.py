@@ -1,0 +1,111 @@
+"""Occlusion speed (issue 5): zfnet's exact incremental occlusion against Captum's Occlusion.
+
+Both compute the same per-pixel map for one photo (Captum's attribution for the target class: the mean,
+over the occluders covering a pixel, of clean minus occluded probability), on ZFNet (random weights) and
+SqueezeNet 1.1 (real weights from ../shared, random if absent), in the same run. The maps are checked to
+be identical (max |difference| <= 1e-5 x max |map| + 1e-7) before any time is reported.
+
+Captum is timed twice: with its default perturbations_per_eval=1 (one image per forward pass, how it is
+usually called) and batched with the same batch size zfnet uses. Time is process CPU time with one torch
+thread: on a shared, oversubscribed machine OpenMP threads spin while waiting and wall time measures the
+neighbours; each side is measured `--repeat` times and the best is kept.
+
+    python bench/bench_occlusion.py --quick   # < 2 min
+    python bench/bench_occlusion.py           # more occluder settings
+Last line: ratio=<min over models of Captum (default) time / zfnet time> at the headline setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from zfnet.data import Preprocess, load_image  # noqa: E402
+from zfnet.occlusion import occluded_outputs, occluder_boxes, pixel_attribution  # noqa: E402
+from zfnet.samples import sample_dir  # noqa: E402
+from zfnet.weights import load_model  # noqa: E402
+
+SQUEEZENET_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "squeezenet1_1.pth"
+
+
+def best(repeat, fn, *args):
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.process_time()
+        out = fn(*args)
+        times.append(time.process_time() - t0)
+    return min(times), out
+
+
+def ours(model, x, label, size, stride, batch):
+    H, W = x.shape[-2:]
+    rows, cols = occluder_boxes(H, size, stride), occluder_boxes(W, size, stride)
+    boxes = [(a, b, c, d) for a, b in rows for c, d in cols]
+    out, _ = occluded_outputs(model, x, boxes, batch_size=batch)
+    with torch.no_grad():
+        p0 = model(x).softmax(-1)[0, label]
+    drop = (p0 - out.softmax(-1)[:, label]).reshape(len(rows), len(cols)).numpy()
+    return pixel_attribution(drop, rows, cols, (H, W))
+
+
+def captum(model, x, label, size, stride, ppe):
+    from captum.attr import Occlusion
+
+    with torch.no_grad():
+        a = Occlusion(lambda t: model(t).softmax(-1)).attribute(
+            x, sliding_window_shapes=(3, size, size), strides=(3, stride, stride), target=label, baselines=0,
+            perturbations_per_eval=ppe)
+    return a[0, 0].numpy()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    repeat = args.repeat or (1 if args.quick else 2)
+    settings = [(32, 16)] if args.quick else [(32, 16), (16, 8), (64, 16)]
+    headline = settings[0]
+    torch.manual_seed(0)
+    weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else None
+    models = [("zfnet (random)", load_model("zfnet")), (f"squeezenet1_1 ({'real' if weights else 'random'})",
+                                                         load_model("squeezenet1_1", weights))]
+    img = load_image(sample_dir() / "chelsea_cat.jpg")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, CPU time, best of {repeat}")
+    print(f"{'model':26s} {'occluder':>9s} {'pos':>5s} {'zfnet s':>8s} {'captum s':>9s} {'captum b s':>10s} "
+          f"{'ratio':>6s} {'ratio b':>7s}  identical")
+    ratios = []
+    for name, model in models:
+        x = Preprocess.for_model(model)(img)[None]
+        with torch.no_grad():
+            label = int(model(x).argmax())
+        for size, stride in settings:
+            n = len(occluder_boxes(224, size, stride)) ** 2
+            t_ours, m_ours = best(repeat, ours, model, x, label, size, stride, args.batch)
+            t_cap, m_cap = best(repeat, captum, model, x, label, size, stride, 1)
+            t_capb, m_capb = best(repeat, captum, model, x, label, size, stride, args.batch)
+            scale = max(np.abs(m_cap).max(), 1e-30)
+            same = all(np.abs(m - m_cap).max() <= 1e-5 * scale + 1e-7 for m in (m_ours, m_capb))
+            if not same:
+                print(f"MAPS DIFFER for {name} {size}/{stride}: max |diff| {np.abs(m_ours - m_cap).max():.3g}")
+                sys.exit(1)
+            r, rb = t_cap / t_ours, t_capb / t_ours
+            print(f"{name:26s} {size:>4d}/{stride:<4d} {n:5d} {t_ours:8.2f} {t_cap:9.2f} {t_capb:10.2f} "
+                  f"{r:6.1f} {rb:7.1f}  yes", flush=True)
+            if (size, stride) == headline:
+                ratios.append(r)
+    print(f"ratio={min(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
