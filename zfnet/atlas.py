@@ -195,14 +195,16 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
     table = layer_table(model, (preprocess.size, preprocess.size))
     done_marker = out / "layers" / ".done.json"
     done = read_json(done_marker) if resume and done_marker.exists() else {}
-    figures = {}
+    figures, t_layers = {}, {}
     for name in layers:
         C = mined.layers[name]["value"].shape[0]
         key = f"{name}|{k}|{tile}|{mode}"
         if done.get(name) != key:
+            t1 = time.time()
             mine_channels = [c for c in range(C) if c % world == rank]  # ranks share the projections
             _project_layer(model, mined, name, table, dataset, out, k=k, tile=tile, batch_size=batch_size,
                            mode=mode, channels=mine_channels, progress=progress, device=p.device, dtype=p.dtype)
+            t_layers[name] = round(time.time() - t1, 3)
             if world > 1:
                 import torch.distributed as dist
 
@@ -224,7 +226,8 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
                                   "size": preprocess.size}, "world_size": world},
         "table": {n: table[n].to_json() for n in layers},
         "figures": figures,
-        "timing": {"mine_s": round(t_mine, 3), "total_s": round(t_total, 3), "images": mined.images},
+        "timing": {"mine_s": round(t_mine, 3), "total_s": round(t_total, 3), "images": mined.images,
+                   "project_s": t_layers},  # this run only (a resumed run skips finished layers)
     })
     meta = {"schema": SCHEMA, "model": meta.pop("model"), **meta}
     result = AtlasResult(out, mined, meta)
