@@ -221,21 +221,27 @@ class _Incremental:
                 sums = a.flatten(2).sum(-1) if a.dim() > 2 else a
         return a, sums
 
-    def _gather(self, m, win, wy, wx, wh, ww, r0, c0, h, w):
-        """(B, C, h, w) channels-last crops at (r0, c0) of stage m's clean input with each window pasted."""
+    def _gather(self, m, win, wy, wx, wh, ww, r0, c0, h, w, sel=None, src=None):
+        """(B, C, h, w) channels-last crops at (r0, c0) of stage m's clean input with each window pasted.
+
+        sel: which positions of win (default all); src: cat(clean rows, window rows), reusable per stage.
+        """
         clean = self.flat[m]
         C = clean.shape[1]
         W = self.acts[m].shape[-1]
-        B, nh, nw = win.shape[:3]
+        nh, nw = win.shape[1:3]
+        sel = torch.arange(len(win), device=clean.device) if sel is None else sel
+        if src is None:
+            src = torch.cat([clean, win.reshape(-1, C)])
+        wy, wx, wh, ww = wy[sel], wx[sel], wh[sel], ww[sel]
         ar = torch.arange(max(h, w), device=clean.device)
         gy, gx = r0[:, None] + ar[:h], c0[:, None] + ar[:w]  # (B, h), (B, w) map rows / cols
         ly, lx = gy - wy[:, None], gx - wx[:, None]  # the same inside each window
         inside = (((ly >= 0) & (ly < wh[:, None]))[:, :, None]) & (((lx >= 0) & (lx < ww[:, None]))[:, None, :])
-        widx = clean.shape[0] + (torch.arange(B, device=clean.device)[:, None, None] * nh
-                                 + ly.clamp(0, nh - 1)[:, :, None]) * nw + lx.clamp(0, nw - 1)[:, None, :]
+        widx = clean.shape[0] + (sel[:, None, None] * nh + ly.clamp(0, nh - 1)[:, :, None]) * nw \
+            + lx.clamp(0, nw - 1)[:, None, :]
         idx = torch.where(inside, widx, gy[:, :, None] * W + gx[:, None, :])
-        src = torch.cat([clean, win.reshape(-1, C)])
-        return src[idx.reshape(-1)].view(B, h, w, C).permute(0, 3, 1, 2)
+        return src[idx.reshape(-1)].view(len(sel), h, w, C).permute(0, 3, 1, 2)
 
     def _too_big(self, m, wh, ww) -> bool:
         """Windows so large that cropping costs more than recomputing full maps."""
@@ -274,9 +280,10 @@ class _Incremental:
         key = torch.stack([r1 - r0, c1 - c0, oy, ox], 1)
         out = torch.empty(len(win), nh, nw, a_out.shape[1], dtype=a_out.dtype, device=a_out.device)
         keys, group = torch.unique(key, dim=0, return_inverse=True)
+        src = torch.cat([self.flat[m], win.reshape(-1, win.shape[-1])])  # once per stage, not per group
         for g, (h, w, gy, gx) in enumerate(keys.tolist()):
             idx = (group == g).nonzero()[:, 0]
-            crops = self._gather(m, win[idx], wy[idx], wx[idx], wh[idx], ww[idx], r0[idx], c0[idx], h, w)
+            crops = self._gather(m, win, wy, wx, wh, ww, r0[idx], c0[idx], h, w, sel=idx, src=src)
             out[idx] = st.fn(crops)[:, :, gy:gy + nh, gx:gx + nw].permute(0, 2, 3, 1)
         full = torch.ones_like(u0)
         return out, u0, v0, full * nh, full * nw
