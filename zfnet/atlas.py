@@ -18,6 +18,7 @@ are complete.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -92,6 +93,11 @@ def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDa
     d = mined.layers[layer]
     pairs = [(int(d["image"][c, j]), c, j) for c in channels for j in range(k) if int(d["image"][c, j]) >= 0]
     pairs.sort()  # by image: each source image is decoded about once per layer
+    # Receptive-field crops pay off for small fields; for fields near the image size, clipped crops of many
+    # shapes split a batch into small ones and cost more than they save (measured: 3x slower at 111/224 px).
+    crop_kw = {}
+    if "crop" in inspect.signature(project).parameters:
+        crop_kw["crop"] = f is not None and 2 * f.size_y <= H and 2 * f.size_x <= W
     proj: dict[tuple[int, int], np.ndarray] = {}
     patch: dict[tuple[int, int], np.ndarray] = {}
     cache: dict[int, torch.Tensor | None] = {}
@@ -105,7 +111,7 @@ def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDa
             if ok:
                 x = torch.stack([cache[i] for i, _, _ in ok]).to(device, dtype)
                 units = [f"{layer}:{c}@{int(d['y'][c, j])},{int(d['x'][c, j])}" for _, c, j in ok]
-                g = project(model, x, units, mode, pairs=True, batch_size=batch_size).float().cpu()
+                g = project(model, x, units, mode, pairs=True, batch_size=batch_size, **crop_kw).float().cpu()
                 pics = dataset.transform.unnormalize(x.float().cpu()) if hasattr(dataset.transform, "unnormalize") \
                     else x.float().cpu()
                 for b, (_, c, j) in enumerate(ok):
