@@ -5,11 +5,11 @@
 # Usage: scripts/issue6_caltech.sh [RUNS_DIR] [MINUTES_PER_RUN]   (runs the four trainings in parallel)
 set -euo pipefail
 RUNS=${1:-runs/issue6}
-MIN=${2:-14}
+MIN=${2:-20}
 DATA=${DATA:-../shared/data/caltech101}
 PY=${PY:-.venv/bin/python}
 COMMON=(--data "$DATA" --train-per-class 30 --widths 32,64,96,96,64 --fc 256 --resize 72 --crop 64
-        --batch-size 32 --epochs 40 --init-std 0 --epoch-val-crops center --cache yes --threads 1
+        --batch-size 32 --epochs 40 --init-std 0 --dropout 0 --epoch-val-crops center --cache yes --threads 1
         --budget-minutes "$MIN" --progress no)
 for model in zfnet alexnet; do
   for clip in 0.1 0; do

@@ -177,6 +177,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where collectives run (NCCL reduces only CUDA tensors)
 
     @property
     def main(self) -> bool:
@@ -184,7 +185,9 @@ class Dist:
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            x = t.to(self.device)
+            dist.all_reduce(x)
+            return x.to(t.device)
         return t
 
 
@@ -200,6 +203,7 @@ def init_distributed(device_hint: str | None) -> tuple[Dist, torch.device]:
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
+    d.device = str(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return d, dev
@@ -285,7 +289,7 @@ def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, des
                                    dtype=torch.float64)
         bar.update(1)
     bar.close()
-    counts = d.all_sum(counts.to(device)).cpu()
+    counts = d.all_sum(counts)
     n = max(counts[0].item(), 1)
     return {"val_top1_err": 100.0 * (1 - counts[1].item() / n), "val_top5_err": 100.0 * (1 - counts[2].item() / n),
             "val_loss": counts[3].item() / n, "val_images": int(counts[0].item())}
@@ -334,6 +338,14 @@ def main(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     resume = ckpt.latest(out)
     state = ckpt.load_checkpoint(resume) if resume else None
+    if d.world > 1:  # every process must resume from the same epoch (rank 0 alone writes the checkpoints)
+        e = int(state["epoch"]) if state else 0
+        done = torch.tensor([e, -e], device=device)  # NCCL reduces only CUDA tensors
+        dist.all_reduce(done, op=dist.ReduceOp.MAX)
+        done = done.cpu()
+        if done[0] != -done[1]:
+            raise ZfnetError(f"processes disagree about {out / ckpt.LATEST} (epochs {-int(done[1])}..{int(done[0])}): "
+                             f"--out must be a folder that every node can read")
     if state is not None:
         old = state["config"]
         diff = [k for k, v in dataclasses.asdict(cfg).items()
@@ -407,6 +419,7 @@ def main(cfg: TrainConfig) -> dict:
         # this epoch is the last if the next one (as long as the previous) would end past the budget
         flag = torch.tensor([float(cfg.budget_minutes > 0 and t0 - began + 2 * recent > 60 * cfg.budget_minutes)])
         if d.world > 1:
+            flag = flag.to(device)
             dist.broadcast(flag, 0)
         last = epoch == cfg.epochs or bool(flag.item())
         torch.manual_seed(_epoch_seed(cfg, epoch, d.rank))  # dropout masks: a function of (seed, epoch, rank)
