@@ -101,7 +101,9 @@ def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDa
     proj: dict[tuple[int, int], np.ndarray] = {}
     patch: dict[tuple[int, int], np.ndarray] = {}
     cache: dict[int, torch.Tensor | None] = {}
-    bar = tqdm(total=len(pairs), desc=f"project {layer}", unit="proj", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal, nothing in logs and pipes (as zfnet.data.Batches)
+    bar = tqdm(total=len(pairs), desc=f"project {layer}", unit="proj", disable=None if progress else True,
+               leave=False)
     try:
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
