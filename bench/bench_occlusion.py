@@ -73,8 +73,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    repeat = args.repeat or (1 if args.quick else 2)
-    settings = [(32, 16)] if args.quick else [(32, 16), (16, 8), (64, 16)]
+    repeat = args.repeat or 1
+    settings = [(32, 16)] if args.quick else [(32, 16), (64, 16), (16, 16)]
     headline = settings[0]
     torch.manual_seed(0)
     weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else None
