@@ -51,9 +51,9 @@ def test_result_json_and_files(built):
 
 
 def test_pictures_are_the_projection_and_the_receptive_field(built):
-    """Tile j of a unit = the deconvnet projection of entry j, cropped to its receptive field, and the
-    input pixels of that same window; the projection is zero outside the window (checked independently
-    against a full-image projection)."""
+    """Tile j of a unit = the input pixels of entry j's receptive-field window and the deconvnet projection
+    of that unit cropped to the same window; the projection is zero outside the window (checked against a
+    full-image projection, so nothing is cut off)."""
     model, folder, out, res = built
     table = layer_table(model, (32, 32))
     ds = ImageDataset(res.mined.paths, transform=PRE)
@@ -61,32 +61,26 @@ def test_pictures_are_the_projection_and_the_receptive_field(built):
     d = res.mined.layers[layer]
     proj = np.asarray(Image.open(out / unit_files(layer, c)["proj"]))
     patch = np.asarray(Image.open(out / unit_files(layer, c)["patch"]))
-    f = table[layer].field
-    size = min(f.size_y, 32)
-    for j in range(4):
+    boxes = [table[layer].window(int(d["y"][c, j]), int(d["x"][c, j]), (32, 32)) for j in range(4)]
+    ch = max(b[1] - b[0] for b in boxes)
+    cw = max(b[3] - b[2] for b in boxes)
+    for j, (y0, y1, x0, x1) in enumerate(boxes):
         i, y, x = (int(d[key][c, j]) for key in ("image", "y", "x"))
-        img = ds[i][0][None].double()
-        g = project(model, img, [f"{layer}:{c}@{y},{x}"], pairs=True)[0]
-        y0, y1, x0, x1 = table[layer].window(y, x, (32, 32))
+        g = project(model, ds[i][0][None].double(), [f"{layer}:{c}@{y},{x}"], pairs=True)[0]
         outside = g.clone()
         outside[:, y0:y1, x0:x1] = 0
-        assert outside.abs().max() == 0 and g.abs().max() > 0 or d["value"][c, j] == 0
-        # locate tile j in the 2x2 grid (pad 2)
-        r, col = divmod(j, 2)
-        ty, tx = 2 + r * (size + 2), 2 + col * (size + 2)
-        oy, ox = y0 - (f.start_y + y * f.jump_y), x0 - (f.start_x + x * f.jump_x)
+        assert outside.abs().max() == 0
+        assert g.abs().max() > 0 or d["value"][c, j] == 0
+        r, col = divmod(j, 2)  # 2x2 grid, pad 2, cells as large as the largest tile
+        ty, tx = 2 + r * (ch + 2), 2 + col * (cw + 2)
         want = image_to_rgb(PRE.unnormalize(ds[i][0])[:, y0:y1, x0:x1])
-        got = patch[ty + oy:ty + oy + (y1 - y0), tx + ox:tx + ox + (x1 - x0)]
-        assert np.array_equal(got, want)
-        # the projection tile is brightest/darkest where the projection is, grey elsewhere in the field
-        tile = proj[ty:ty + size, tx:tx + size].astype(int)
+        assert np.array_equal(patch[ty:ty + y1 - y0, tx:tx + x1 - x0], want)
+        dev = np.abs(proj[ty:ty + y1 - y0, tx:tx + x1 - x0].astype(int) - 128).sum(-1)
         gw = g[:, y0:y1, x0:x1].abs().sum(0).numpy()
-        inner = tile[oy:oy + (y1 - y0), ox:ox + (x1 - x0)]
-        dev = np.abs(inner - 128).sum(-1)
-        assert (dev[gw == 0] <= 1).all()
+        assert (dev[gw == 0] <= 1).all()  # zero -> mid grey
         if gw.max() > 0:
             py, px = np.unravel_index(gw.argmax(), gw.shape)
-            assert dev[py, px] >= 120  # the largest magnitude maps to (near) black or white
+            assert dev[py, px] >= 120  # the strongest pixel -> (near) black or white
 
 
 def test_values_are_recomputed(built):

@@ -40,7 +40,6 @@ from .results import read_json, save_npz, write_json
 __all__ = ["AtlasResult", "atlas"]
 
 SCHEMA = 1  # of result.json
-_GREY = 128
 
 
 @dataclass
@@ -54,24 +53,24 @@ class AtlasResult:
 
 
 # ----------------------------------------------------------------------------------------------------
-def _tile(crop: np.ndarray, box, full, input_size, tile: int) -> np.ndarray:
-    """Place a (h, w, 3) uint8 crop of the window `box` where it sits in the unit's unclipped receptive
-    field `full` = (start_y, start_x, size_y, size_x) (grey where the field hangs over the image border, so
-    the unit stays centred), then scale to at most `tile` pixels."""
-    y0, _, x0, _ = box
-    H, W = input_size
-    fy, fx, sy, sx = full
-    ch, cw = min(sy, H), min(sx, W)
-    canvas = np.full((ch, cw, 3), _GREY, np.uint8)
-    oy = max(0, y0 - fy) if sy <= H else 0
-    ox = max(0, x0 - fx) if sx <= W else 0
-    crop = crop[:ch - oy, :cw - ox]
-    canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
-    if max(ch, cw) > tile:
-        s = tile / max(ch, cw)
-        size = (max(1, round(cw * s)), max(1, round(ch * s)))
-        canvas = np.asarray(Image.fromarray(canvas).resize(size, Image.LANCZOS))
-    return canvas
+def _tile(rgb: np.ndarray, tile: int) -> np.ndarray:
+    """Scale a (h, w, 3) uint8 picture down so its longer side is at most `tile` pixels."""
+    h, w = rgb.shape[:2]
+    if max(h, w) <= tile:
+        return rgb
+    s = tile / max(h, w)
+    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS))
+
+
+def _show_projection(g: torch.Tensor) -> np.ndarray:
+    """A projection (3, h, w) -> RGB, 0 at mid grey. Deconvnet projections are sparse with a few extreme
+    pixels, so scaling by the maximum alone leaves them nearly invisible (worse after downscaling); we
+    scale by the 99.5th percentile of |g| and clip, as reconstructions are usually contrast-stretched."""
+    a = g.abs().flatten()
+    s = float(torch.quantile(a.float(), 0.995)) if a.numel() else 0.0
+    if s <= 0:
+        s = float(a.max()) if a.numel() else 0.0
+    return signed_to_rgb((g / s).clamp(-1, 1) if s > 0 else g)
 
 
 def _unit_grid(tiles: list[np.ndarray | None], k: int, size: tuple[int, int]) -> np.ndarray:
@@ -118,13 +117,10 @@ def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDa
                     else x.float().cpu()
                 for b, (_, c, j) in enumerate(ok):
                     y, xx = int(d["y"][c, j]), int(d["x"][c, j])
-                    box = info.window(y, xx, (H, W))
-                    full = (f.start_y + y * f.jump_y, f.start_x + xx * f.jump_x, f.size_y, f.size_x) if f \
-                        else (0, 0, H, W)
+                    box = info.window(y, xx, (H, W))  # the exact input box the unit sees, clipped
                     win = (slice(None), slice(box[0], box[1]), slice(box[2], box[3]))
-                    # each projection scaled by its own largest magnitude, as the paper displays them
-                    proj[c, j] = _tile(signed_to_rgb(g[b][win]), box, full, (H, W), tile)
-                    patch[c, j] = _tile(image_to_rgb(pics[b][win]), box, full, (H, W), tile)
+                    proj[c, j] = _tile(_show_projection(g[b][win]), tile)
+                    patch[c, j] = _tile(image_to_rgb(pics[b][win]), tile)
             bar.update(len(chunk))
     finally:
         bar.close()
