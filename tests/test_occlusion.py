@@ -141,3 +141,49 @@ def test_figure_and_cli(tmp_path, squeezenet):
     assert (out / "occlusion.png").exists() and (out / "maps.npz").exists()
     assert main(["occlude", "--weights", str(SQUEEZENET_WEIGHTS), str(tmp_path / "none.jpg"), "--out",
                  str(out)]) == 2
+
+
+class _Block(nn.Module):
+    """A ResNet basic block (BatchNorm, residual sum, optional strided shortcut)."""
+
+    def __init__(self, c, stride=1):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.down = (nn.Sequential(nn.Conv2d(c, c, 1, stride, bias=False), nn.BatchNorm2d(c)) if stride > 1
+                     else nn.Identity())
+
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + self.down(x))
+
+
+class _ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 7, 2, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, 1))
+        self.layer1 = nn.Sequential(_Block(8), _Block(8, 2))
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.layer1(self.stem(x))), 1))
+
+
+def test_incremental_equals_naive_resnet_like():
+    """Any chain of blocks works: BatchNorm, residual sums, padded max-pool, functional flatten."""
+    from zfnet.occlusion import _chain
+
+    torch.manual_seed(0)
+    m = _ResNetLike().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2)
+    assert [s.name for s in _chain(m)][4:6] == ["layer1.0", "layer1.1"]  # blocks are stages
+    x = torch.randn(1, 3, 96, 96)
+    rows = occluder_boxes(96, 13, 7)
+    boxes = [(a, b, c, d) for a, b in rows for c, d in rows]
+    o1, s1 = occluded_outputs(m, x, boxes, track="layer1.0")
+    o2, s2 = occluded_outputs(m, x, boxes, track="layer1.0", method="naive")
+    assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(s1, s2, rtol=1e-5, atol=1e-5 * s2.abs().max().item())
