@@ -31,8 +31,12 @@ def captum_projection(ref_model, x, units, mode):
         return getattr(captum, CAPTUM[mode])(ref_model, layer).attribute(x.expand(len(units), -1, -1, -1).clone(), sel)
 
 
-def check_against_captum(model, twin, x, units, mode, **kw):
-    """Ours on every unit at once vs Captum layer by layer; x is one image."""
+def check_against_captum(model, twin, x, units, mode, double=True, **kw):
+    """Ours on every unit at once vs Captum layer by layer; x is one image. In float64 by default: in
+    float32 two pooled values within rounding of each other can pick different switches when the same conv
+    runs on a crop (another summation order), which is not what this test is about."""
+    if double:
+        model, twin, x = copy.deepcopy(model).double(), copy.deepcopy(twin).double(), x.double()
     ours = project(model, x, units, mode, **kw)[0]
     by_layer = {}
     for k, u in enumerate(units):
@@ -83,8 +87,9 @@ def photo(squeezenet, imagenet_samples):
 
 @pytest.mark.parametrize("mode", ["deconv", "guided", "saliency"])
 def test_squeezenet_equals_captum(squeezenet, photo, mode):
+    # float32 (fast) on the whole image; that crops change nothing is tested below in float64.
     units = strongest_units(squeezenet, photo, squeezenet.feature_layers)
-    check_against_captum(squeezenet, non_inplace(squeezenet), photo, units, mode)
+    check_against_captum(squeezenet, non_inplace(squeezenet), photo, units, mode, double=False, crop=False)
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +319,81 @@ def test_layer_table_unchanged_by_projection():
     model = zfnet(widths=(8, 8, 8, 8, 8), fc=16)
     layer_table(model)
     assert project(model, torch.randn(1, 3, 224, 224), ["relu2:1"]).shape == (1, 1, 3, 224, 224)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Receptive-field crops are exact: cropped == uncropped at every border, corner and ceil-mode edge.
+def border_units(table, layer, channel, ys=(0, 1, 2, -3, -2, -1), xs=(0, 1, -2, -1)):
+    """Units on the borders, corners and next to them (negative = from the end), and the centre."""
+    i = table[layer]
+    ys = sorted({y % i.height for y in ys} | {i.height // 2})
+    xs = sorted({x % i.width for x in xs} | {i.width // 2})
+    return [f"{layer}:{channel}@{y},{x}" for y in ys for x in xs]
+
+
+def assert_crop_exact(model, x, units, mode="deconv"):
+    """In float64, where summation order cannot flip a max-pool switch between the two runs."""
+    model, x = copy.deepcopy(model).double(), x.double()
+    cropped = project(model, x, units, mode)
+    full = project(model, x, units, mode, crop=False)
+    for k, u in enumerate(units):
+        diff, scale = (cropped[:, k] - full[:, k]).abs().max().item(), full[:, k].abs().max().item()
+        assert diff <= 1e-12 * scale, f"cropped {u}: max diff {diff:.3g} vs max |ref| {scale:.3g}"
+    return full
+
+
+def test_crop_exact_on_squeezenet(squeezenet, photo):
+    from zfnet.project_crop import plan_crop
+
+    table = layer_table(squeezenet, 224)
+    acts = run_with_taps(squeezenet, photo, squeezenet.feature_layers)
+    units = []
+    for layer in ("features.1", "features.4", "features.7", "features.12"):
+        a = acts[layer][0]
+        channel = int((a[:, 0].amax(1) + a[:, -1].amax(1)).argmax())  # strong on the top and bottom rows
+        units += border_units(table, layer, channel, ys=(0, -1), xs=(0, -1))
+    full = assert_crop_exact(squeezenet, photo, units)
+    assert (full.flatten(2).abs().amax(2) > 0).float().mean() > 0.5  # most of them are not trivially zero
+    crop = plan_crop(squeezenet, table, parse_unit("features.7:0@6,6"), (224, 224))
+    assert crop is not None and crop.hc * crop.wc < 0.5 * 224 * 224  # an interior unit is really cropped
+
+
+@pytest.mark.parametrize("size", [(224, 224), (231, 237)])
+def test_crop_exact_on_zfnet_odd_sizes(zf, size):
+    model, _ = zf
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
+    table = layer_table(model, size)
+    units = [u for layer in ("relu1", "norm2", "relu5") for u in border_units(table, layer, 5, ys=(0, -1), xs=(0, -1))]
+    assert_crop_exact(model, x, units)
+    assert_crop_exact(model, x, units[::4], "guided")
+
+
+@pytest.mark.parametrize("size", [(21, 19), (24, 23)])
+def test_crop_exact_on_every_layer_kind(size):
+    ours, _ = zoo_pair()
+    x = torch.randn(1, 3, *size)
+    table = layer_table(ours, size)
+    units = [u for layer, c in (("relu1", 3), ("pool1", 1), ("conv2", 5), ("fire", 4), ("act6", 7), ("relu3", 4))
+             for u in border_units(table, layer, c, ys=(0, 1, -2, -1), xs=(0, -1))]
+    assert_crop_exact(ours, x, units)
+    assert_crop_exact(ours, x, units[::5], "saliency")
+
+
+def test_no_crop_after_global_ops():
+    from zfnet.project_crop import croppable
+
+    class Squeeze(nn.Module):  # squeeze-and-excitation: a global mean feeds back into every position
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3)
+            self.conv2 = nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            x = self.conv1(x)
+            x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+            return self.conv2(x)
+
+    m = Squeeze()
+    assert croppable(m, "conv1", (16, 16)) and not croppable(m, "conv2", (16, 16))
+    x = torch.randn(1, 3, 16, 16)
+    assert_crop_exact(m, x, ["conv2:1@5,5", "conv2:2@0,11"])
