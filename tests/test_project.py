@@ -397,3 +397,61 @@ def test_no_crop_after_global_ops():
     assert croppable(m, "conv1", (16, 16)) and not croppable(m, "conv2", (16, 16))
     x = torch.randn(1, 3, 16, 16)
     assert_crop_exact(m, x, ["conv2:1@5,5", "conv2:2@0,11"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The CLI, in-process.
+def test_cli_project_writes_pngs_and_raw_numbers(tmp_path, squeezenet, capsys):
+    import numpy as np
+    from conftest import SQUEEZENET_WEIGHTS
+    from PIL import Image
+
+    from zfnet.cli import main
+    from zfnet.data import Preprocess, load_image
+    from zfnet.samples import sample_dir
+
+    image = sorted(sample_dir().glob("*.jpg"))[0]
+    x = Preprocess.for_model(squeezenet)(load_image(image)).unsqueeze(0)
+    units = strongest_units(squeezenet, x, ["features.7"])[1:] + ["features.4:10"]
+    rc = main(["project", "--model", "squeezenet1_1", "--weights", str(SQUEEZENET_WEIGHTS), str(image),
+               "--unit", units[0], "--unit", units[1], "--out", str(tmp_path), "--save-npy"])
+    assert rc == 0
+    x = np.load(tmp_path / "input.npy")
+    assert x.shape == (1, 3, 224, 224) and x.dtype == np.float32
+    ref = project(squeezenet, torch.from_numpy(x), units)[0]
+    for u, r in zip(units, ref):
+        slug = parse_unit(u).slug
+        raw = np.load(tmp_path / f"{slug}.npy")
+        assert raw.shape == (1, 3, 224, 224) and np.abs(raw[0] - r.numpy()).max() <= 1e-6 * r.abs().max().item()
+        png = np.asarray(Image.open(tmp_path / f"{slug}.png"))
+        assert png.shape == (224, 224, 3) and png.min() < 100 < png.max()
+    assert units[0] in capsys.readouterr().out
+
+
+def test_cli_project_defaults_to_the_strongest_deepest_map(tmp_path):
+    from zfnet.cli import main
+    from zfnet.samples import sample_dir
+
+    image = sorted(sample_dir().glob("*.jpg"))[1]
+    assert main(["project", "--model", "zfnet", "--weights", "none", str(image), "--out", str(tmp_path)]) == 0
+    pngs = list(tmp_path.glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].name.startswith("relu5_")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--unit", "conv9:1"], "unknown layer"),
+    (["--unit", "relu5:999"], "out of range"),
+    (["--unit", "relu5:1@40,40"], "outside"),
+    (["--unit", "relu5"], "bad unit address"),
+    (["--mode", "deconv", "IMAGE=missing.jpg"], "image not found"),
+])
+def test_cli_project_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from zfnet.cli import main
+    from zfnet.samples import sample_dir
+
+    image = str(sorted(sample_dir().glob("*.jpg"))[0])
+    if args[-1].startswith("IMAGE="):
+        image, args = str(tmp_path / args[-1][6:]), args[:-1]
+    rc = main(["project", "--model", "zfnet", "--weights", "none", image, "--out", str(tmp_path / "o")] + args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err

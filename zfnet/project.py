@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 
 from .errors import ZfnetError
-from .layers import Unit, layer_table, parse_unit, run_with_taps
+from .layers import Unit, feature_layers, layer_table, parse_unit, run_with_taps
 from .project_crop import Crop, plan_crop
 from .project_rules import MODES, BackwardRules, projection_state
 
-__all__ = ["project", "MODES"]
+__all__ = ["project", "strongest_map", "MODES"]
 
 _PIXEL_BUDGET = 32 * 224 * 224  # default batch: about 32 full ImageNet images' worth of input pixels
 
@@ -129,3 +129,13 @@ def _backward(model, x, layer: str, units: list[Unit], rules: BackwardRules) -> 
         seed[rows[located], ch[located], ys, xs] = act.detach()[rows[located], ch[located], ys, xs]
     (grad,) = torch.autograd.grad(act, leaf, seed)
     return grad
+
+
+def strongest_map(model: nn.Module, images: torch.Tensor) -> Unit:
+    """The feature map of the deepest feature layer with the largest activation (summed over images):
+    what `zfnet project` shows when no unit is given."""
+    layer = feature_layers(model)[-1]
+    with projection_state(model), torch.no_grad():
+        act = run_with_taps(model, images, [layer])[layer]
+    per_channel = act.flatten(2).amax(2).sum(0) if act.dim() == 4 else act.sum(0)
+    return Unit(layer, int(per_channel.argmax()))

@@ -1,0 +1,130 @@
+"""Projection speed on the atlas workload: zfnet.project vs Captum's NeuronDeconvolution, same run.
+
+Workload (Fig. 2 of the paper): for each feature layer, 9 units, each projected at its strongest
+activation on 9 different images (81 single-activation deconv projections per layer). zfnet does each
+layer in one `project(..., pairs=True)` call; Captum gets one `attribute` call per projection, as a user
+would write it. ZFNet has random weights (224 px); SqueezeNet the real ones (skipped without ../shared).
+
+    python bench/bench_project.py [--quick]        # --quick: fewer units, < 2 min; prints ratio=<x> last
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zfnet.layers import feature_layers, run_with_taps  # noqa: E402
+from zfnet.models import zfnet  # noqa: E402
+from zfnet.project import project  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+
+
+def workload(model, images, layer, n_units, n_images, seed=0):
+    """n_units channels of `layer`, each at its strongest location on n_images images (its 'top 9')."""
+    with torch.no_grad():
+        act = run_with_taps(model, images, [layer])[layer]  # (N, C, h, w)
+    g = torch.Generator().manual_seed(seed)
+    channels = torch.randperm(act.shape[1], generator=g)[:n_units].tolist()
+    units, rows = [], []
+    for c in channels:
+        peak = act[:, c].flatten(1).max(1)
+        for i in peak.values.argsort(descending=True)[:n_images].tolist():
+            y, x = divmod(int(peak.indices[i]), act.shape[-1])
+            units.append(f"{layer}:{c}@{y},{x}")
+            rows.append(i)
+    return images[rows], units
+
+
+def captum_twin(model):
+    twin = __import__("copy").deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False  # Captum cannot hook in-place ReLUs
+    return twin
+
+
+def bench_model(name, model, images, n_units, n_images, captum_every=1):
+    from captum.attr import NeuronDeconvolution
+
+    twin = captum_twin(model)
+    mods = dict(twin.named_modules())
+    tot_ours = tot_captum = 0.0
+    count = 0
+    print(f"{name}: {n_units} units x {n_images} images per layer")
+    for layer in feature_layers(model):
+        x, units = workload(model, images, layer, n_units, n_images)
+        # backprop_norm=True: Captum backpropagates LRN, so both compute the same numbers.
+        project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
+        t = time.perf_counter()
+        ours = project(model, x, units, pairs=True, backprop_norm=True)
+        t_ours = time.perf_counter() - t
+        # Captum: one call per projection, on a subset if asked (time scaled to the full count).
+        idx = list(range(0, len(units), captum_every))
+        deconv = NeuronDeconvolution(twin, mods[layer])
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for k in idx:
+                u = units[k].split(":")[1]
+                c, yx = u.split("@")
+                y, x_ = map(int, yx.split(","))
+                ref = deconv.attribute(x[k:k + 1].clone(), (int(c), y, x_))
+        t_captum = (time.perf_counter() - t) * len(units) / len(idx)
+        # Sanity: the last one agrees (ours is seeded with the activation itself).
+        with torch.no_grad():
+            a = run_with_taps(model, x[k:k + 1], [layer])[layer][0, int(c), y, x_]
+        err = (ours[k] - ref[0] * a).abs().max().item() / max(ref.abs().max().item() * abs(a.item()), 1e-30)
+        tot_ours += t_ours
+        tot_captum += t_captum
+        count += len(units)
+        print(f"  {layer:12s} zfnet {len(units) / t_ours:8.1f}/s   captum {len(units) / t_captum:7.1f}/s   "
+              f"x{t_captum / t_ours:6.1f}   (rel. diff of a check {err:.1e})", flush=True)
+    print(f"  {name} total: zfnet {count / tot_ours:.1f} proj/s, captum {count / tot_captum:.1f} proj/s, "
+          f"ratio {tot_captum / tot_ours:.1f}")
+    return count, tot_ours, tot_captum
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="3 units x 3 images per layer, Captum on a subset")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n_units, n_images = (3, 3) if args.quick else (9, 9)
+    torch.manual_seed(0)
+    pool = torch.randn(24 if args.quick else 40, 3, 224, 224)
+    every = 3 if args.quick else 1
+    results = [bench_model("zfnet (random weights, 224 px)", zfnet().eval(), pool, n_units, n_images, every)]
+    weights = SHARED / "weights" / "squeezenet1_1.pth"
+    samples = SHARED / "data" / "imagenet-samples"
+    if weights.exists() and samples.exists():
+        from zfnet.data import Preprocess, load_image
+        from zfnet.weights import load_model
+
+        sq = load_model("squeezenet1_1", str(weights))
+        files = sorted(samples.iterdir())[:: (100 if args.quick else 25)]
+        prep = Preprocess.for_model(sq)
+        photos = torch.stack([prep(load_image(f)) for f in files])
+        results.append(bench_model("squeezenet1_1 (real weights, photos)", sq, photos, n_units, n_images, every))
+    else:
+        print(f"squeezenet1_1 skipped: {weights} or {samples} missing")
+    count = sum(r[0] for r in results)
+    ours = sum(r[1] for r in results)
+    captum = sum(r[2] for r in results)
+    print(f"all: zfnet {count / ours:.1f} proj/s, captum {count / captum:.1f} proj/s "
+          f"({torch.get_num_threads()} threads)")
+    print(f"ratio={captum / ours:.1f}")
+
+
+if __name__ == "__main__":
+    main()
