@@ -14,6 +14,7 @@ from zfnet.cli import main
 from zfnet.errors import ZfnetError
 from zfnet.features import Features, extract_features, pool_tensor, probe_layers
 from zfnet.probes import (
+    LinearProbe,
     caltech_folds,
     fewshot_curve,
     first_per_class,
@@ -88,12 +89,12 @@ def _synthetic(n_classes=5, per_class=30, dim=20, seed=0):
 
 def test_probe_finds_the_informative_layer():
     feats = _synthetic()
-    r = probe_layers_accuracy(feats, per_class=10, folds=3, progress=False)
+    r = probe_layers_accuracy(feats, per_class=10, folds=2, Cs=(0.01, 1.0), cv=2, progress=False)
     chance = 100 / 5
     for kind in ("svm", "softmax"):
         assert r.scores["good"][kind]["mean"] > 95
         assert r.scores["bad"][kind]["mean"] < chance + 20
-        assert len(r.scores["good"][kind]["folds"]) == 3
+        assert len(r.scores["good"][kind]["folds"]) == 2
         assert all(c in r.config["Cs"] for c in r.scores["good"][kind]["C"])
     assert "good" in r.format() and json.dumps(r.to_json())
 
@@ -108,6 +109,35 @@ def test_fit_probe_grid_and_one_shot():
     assert C1 == 1e-2  # the middle of the grid
     _, C2 = fit_probe(X, y, "svm", Cs=[1e-3, 1e-2, 1e-1])
     assert C2 in (1e-3, 1e-2, 1e-1)
+
+
+def test_torch_probe_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    rng = np.random.default_rng(0)
+    y = _labels([40, 40, 40, 40])
+    X = (rng.normal(0, 1, (4, 12))[y] + rng.normal(0, 1.5, (160, 12))).astype(np.float32) * 5 + 3
+    Xs = StandardScaler().fit_transform(X)
+    for C in (0.01, 1.0):
+        # Softmax: the same objective as LogisticRegression (intercept unpenalized in both): same weights.
+        ours = LinearProbe("softmax", C, max_iter=2000, tol=1e-9).fit(X, y)
+        ref = LogisticRegression(C=C, tol=1e-10, max_iter=5000).fit(Xs, y)
+        np.testing.assert_allclose(ours.W_[:-1].numpy().T, ref.coef_, atol=2e-3 * max(1, np.abs(ref.coef_).max()))
+        # Linear SVM: LinearSVC's squared hinge, one-vs-rest; a large intercept_scaling makes its bias
+        # penalty vanish, as in ours.
+        svm = LinearProbe("svm", C, max_iter=2000, tol=1e-9).fit(X, y)
+        ref_svm = LinearSVC(C=C, dual=False, tol=1e-8, max_iter=10000, intercept_scaling=1000).fit(Xs, y)
+        assert np.mean(svm.predict(X) == ref_svm.predict(Xs)) > 0.95
+        np.testing.assert_allclose(svm.W_[:-1].numpy().T, ref_svm.coef_, atol=0.01 * np.abs(ref_svm.coef_).max())
+    # The default (loose) tolerances predict as the converged solution does.
+    fast = LinearProbe("softmax", 0.1).fit(X, y)
+    assert np.mean(fast.predict(X) == LogisticRegression(C=0.1).fit(Xs, y).predict(Xs)) > 0.97
+    # And the scikit-learn engine runs through the same protocol.
+    feats = _synthetic()
+    r = probe_layers_accuracy(feats, ["good"], per_class=10, folds=1, Cs=(0.1,), engine="sklearn", progress=False)
+    assert r.scores["good"]["svm"]["mean"] > 95
 
 
 def test_fewshot_curve_rises_and_plots(tmp_path):
@@ -207,6 +237,14 @@ def test_cache_reruns_without_the_network_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(features_mod, "run_with_taps", lambda *a, **kw: pytest.fail("network was run"))
     again = extract_features(model, root, ["relu2"], pool="avg", cache_dir=cache, progress=False)
     np.testing.assert_array_equal(again.get("relu2"), full.get("relu2"))
+    # More layers: computed once and merged into the same file; then any subset comes from the cache.
+    monkeypatch.setattr(features_mod, "run_with_taps", real)
+    extract_features(model, root, ["relu1"], pool="max", cache_dir=cache, progress=False)
+    assert len(list(cache.glob("*.npz"))) == 1
+    monkeypatch.setattr(features_mod, "run_with_taps", lambda *a, **kw: pytest.fail("network was run"))
+    sub = extract_features(model, root, ["relu2"], pool="avg", cache_dir=cache, progress=False)
+    np.testing.assert_array_equal(sub.get("relu2"), full.get("relu2"))
+    assert extract_features(model, root, ["relu1"], pool="max", cache_dir=cache, progress=False).layers == ["relu1"]
     # Other weights are another cache entry.
     with torch.no_grad():
         model.conv2.bias.add_(1.0)

@@ -327,6 +327,8 @@ def _probe_common_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--Cs", default="0.001,0.01,0.1,1", help="regularization grid, chosen by CV on the train split")
     p.add_argument("--cv", type=int, default=3, help="CV folds inside the train split (default: %(default)s)")
+    p.add_argument("--engine", default="torch", choices=("torch", "sklearn"),
+                   help="classifier solver: torch L-BFGS (fast) or scikit-learn (reference)")
     p.add_argument("--scratch", action="store_true",
                    help="also train the same architecture from random init on the train images only")
     p.add_argument("--scratch-size", type=int, default=64, help="input size for the from-scratch run (CPU scale)")
@@ -349,7 +351,7 @@ def _probe_setup(args):
                    "device": str(next(model.parameters()).device)}
     common = {"max_test": args.max_test, "folds": args.folds, "seed": args.seed, "Cs": _csv(args.Cs, float),
               "cv": args.cv, "scratch": scratch, "cache_dir": cache, "batch_size": args.batch_size,
-              "workers": args.workers, "progress": not args.json}
+              "workers": args.workers, "engine": args.engine, "progress": not args.json}
     return model, common
 
 

@@ -109,6 +109,7 @@ class Features:
 def _files_key(paths: Sequence[Path]) -> str:
     h = hashlib.blake2b(digest_size=10)
     for p in paths:
+        p = Path(p).resolve()  # "../data/x.jpg" and "/abs/data/x.jpg" are the same file: the same cache
         try:
             st = p.stat()
             h.update(f"{p}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
@@ -156,10 +157,15 @@ def extract_features(model: torch.nn.Module, data, layers: Sequence[str] | None 
             raise ZfnetError(f"unknown pooling {p!r}; use one of {', '.join(POOLS)}")
     layers = list(dict.fromkeys(layers or probe_layers(model)))
     transform = transform or Preprocess.for_model(model)
-    config = {"model": type(model).__name__, "weights": model_digest(model), "layers": layers, "pool": pools,
+    config = {"model": type(model).__name__, "weights": model_digest(model),
               "preprocess": [transform.preset, transform.crop, transform.size, transform.resize],
               "files": _files_key(paths), "n_files": len(paths)}
+    # One cache file per (weights, preprocessing, file list) holds every layer and pooling computed so far:
+    # a request for a subset is served from it; a request for more recomputes and merges into it.
     key = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=12).hexdigest()
+    request = hashlib.blake2b(json.dumps([layers, pools]).encode(), digest_size=6).hexdigest()
+    config = {**config, "layers": layers, "pool": pools}
+    wanted = [(layer, p) for layer in layers for p in pools]
     labels_arr = np.asarray(labels if labels is not None else [-1] * len(paths), dtype=np.int64)
 
     final = partial = None
@@ -167,20 +173,24 @@ def extract_features(model: torch.nn.Module, data, layers: Sequence[str] | None 
     kept: list[int] = []
     skipped: list = []
     start = 0
+    cached: dict = {}
     if cache_dir is not None:
         cache_dir = Path(cache_dir)
-        final, partial = cache_dir / f"{key}.npz", cache_dir / f"{key}.partial.npz"
+        final, partial = cache_dir / f"{key}.npz", cache_dir / f"{key}-{request}.partial.npz"
         for candidate in (final, partial):
-            if candidate.exists():
-                try:
-                    arrays, meta = _load(candidate)
-                except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a corrupt cache is recomputed
-                    arrays, meta = {}, None
-                if meta is not None:
-                    kept, skipped, start = meta["kept"], [tuple(s) for s in meta["skipped"]], meta["seen"]
-                    if candidate == final:
-                        return _features(arrays, paths, labels_arr, kept, classes, skipped, config)
-                    break
+            if not candidate.exists():
+                continue
+            try:
+                found, meta = _load(candidate)
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a corrupt cache is recomputed
+                continue
+            if candidate == final:
+                if all(k in found for k in wanted):
+                    return _features({k: found[k] for k in wanted}, paths, labels_arr, meta["kept"], classes,
+                                     meta["skipped"], config)
+                cached = (found, meta["kept"])
+            else:
+                arrays, kept, skipped, start = found, meta["kept"], [tuple(x) for x in meta["skipped"]], meta["seen"]
 
     device = next(model.parameters()).device
     was_training = model.training
@@ -216,7 +226,11 @@ def extract_features(model: torch.nn.Module, data, layers: Sequence[str] | None 
         model.train(was_training)
     skipped += [s for s in batches.skipped if s not in skipped]
     if final is not None:
-        merged = checkpoint(len(paths), final)
+        merged = {k: np.concatenate(v) for k, v in chunks.items()}
+        if cached and cached[1] == kept:  # same images decoded: keep the other layers in the file too
+            merged = {**cached[0], **merged}
+        _save(final, merged, {"kept": kept, "skipped": skipped, "seen": len(paths), "config": config})
+        merged = {k: merged[k] for k in wanted if k in merged}
         if partial.exists():
             partial.unlink()
     else:

@@ -23,6 +23,7 @@ from .features import Features
 __all__ = [
     "CLASSIFIERS",
     "FEWSHOT_N",
+    "LinearProbe",
     "ProbeResult",
     "caltech_folds",
     "fewshot_curve",
@@ -102,6 +103,7 @@ def mean_class_accuracy(y_true: Sequence[int], y_pred: Sequence[int]) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Classifiers.
 def _make(kind: str, C: float, seed: int):
+    """The scikit-learn reference classifiers (engine="sklearn")."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -116,18 +118,86 @@ def _make(kind: str, C: float, seed: int):
     return make_pipeline(StandardScaler(), clf)
 
 
+class LinearProbe:
+    """Standardize, then a linear classifier trained full-batch with L-BFGS in torch (engine="torch").
+
+    The objectives are scikit-learn's: softmax = LogisticRegression's 0.5|W|^2 + C sum(cross-entropy);
+    svm = LinearSVC's one-vs-rest 0.5|W|^2 + C sum(squared hinge) (bias not penalized here). All classes
+    train at once in one matrix product per step, and `warm` starts from another probe's weights, so a
+    cross-validated grid of C costs little more than one fit. On a shared 2-core machine this is 5-20x
+    faster than liblinear / lbfgs in scikit-learn on Caltech-101 (tests check they agree).
+    """
+
+    def __init__(self, kind: str, C: float, max_iter: int = 60, tol: float = 1e-4):
+        if kind not in CLASSIFIERS:
+            raise ZfnetError(f"unknown classifier {kind!r}; use one of {', '.join(CLASSIFIERS)}")
+        self.kind, self.C, self.max_iter, self.tol = kind, float(C), max_iter, tol
+
+    def fit(self, X: np.ndarray, y: np.ndarray, warm: "LinearProbe | None" = None) -> "LinearProbe":
+        self.classes_, yi = np.unique(y, return_inverse=True)
+        self.mean_ = X.mean(0)
+        self.scale_ = X.std(0)
+        self.scale_[self.scale_ < 1e-8] = 1.0  # constant features (dead units) stay zero
+        Xt = torch.from_numpy(((X - self.mean_) / self.scale_).astype(np.float32))
+        n, d, k = len(Xt), Xt.shape[1], len(self.classes_)
+        yt = torch.from_numpy(yi)
+        W = torch.zeros(d + 1, k)
+        if warm is not None and warm.W_.shape == W.shape:
+            W.copy_(warm.W_)
+        W.requires_grad_(True)
+        sign = torch.full((n, k), -1.0)
+        sign[torch.arange(n), yt] = 1.0
+        reg = 1.0 / (self.C * n)  # the objective divided by C * n: same minimizer, better scaled
+
+        # Loose tolerances: test accuracy settles long before the objective's last digits (checked against
+        # scikit-learn's converged solutions in tests/test_probes.py).
+        opt = torch.optim.LBFGS([W], lr=1, max_iter=self.max_iter, history_size=10, tolerance_grad=self.tol,
+                                tolerance_change=self.tol * 1e-3, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            scores = Xt @ W[:-1] + W[-1]
+            if self.kind == "softmax":
+                data = torch.nn.functional.cross_entropy(scores, yt, reduction="sum") / n
+            else:
+                data = (1 - sign * scores).clamp_min(0).pow(2).sum() / n
+            loss = data + 0.5 * reg * W[:-1].pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.W_ = W.detach()
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        Xt = torch.from_numpy(((X - self.mean_) / self.scale_).astype(np.float32))
+        return (Xt @ self.W_[:-1] + self.W_[-1]).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.decision_function(X).argmax(1)]
+
+
 def fit_probe(X: np.ndarray, y: np.ndarray, kind: str = "svm", *, Cs: Sequence[float] = DEFAULT_CS,
-              cv: int = 3, seed: int = 0):
+              cv: int = 3, seed: int = 0, engine: str = "torch"):
     """Standardize, then fit a linear classifier with C chosen by stratified CV on (X, y) alone.
 
     With fewer than 2 images of some class there is nothing to cross-validate: the middle of the grid is
-    used. Returns (fitted pipeline, chosen C).
+    used. engine "torch" (LinearProbe, fast) or "sklearn" (LinearSVC / LogisticRegression, the reference).
+    Returns (fitted classifier with .predict, chosen C).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold
 
-    Cs = list(Cs)
+    if engine not in ("torch", "sklearn"):
+        raise ZfnetError(f"unknown engine {engine!r}; use 'torch' or 'sklearn'")
+    Cs = sorted(Cs)  # strongest regularization first: each fit warm-starts the next
     folds = min(cv, int(np.unique(y, return_counts=True)[1].min())) if len(y) else 0
+
+    def fit(c, Xf, yf, warm=None):
+        if engine == "torch":
+            return LinearProbe(kind, c).fit(Xf, yf, warm)
+        return _make(kind, c, seed).fit(Xf, yf)
+
     with warnings.catch_warnings():
         # Capped iterations on the weakest-regularized C are expected; the CV score already judges them.
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -137,11 +207,12 @@ def fit_probe(X: np.ndarray, y: np.ndarray, kind: str = "svm", *, Cs: Sequence[f
             skf = StratifiedKFold(folds, shuffle=True, random_state=seed)
             scores = np.zeros(len(Cs))
             for tr, va in skf.split(X, y):
+                model = None
                 for j, c in enumerate(Cs):
-                    model = _make(kind, c, seed).fit(X[tr], y[tr])
+                    model = fit(c, X[tr], y[tr], model)
                     scores[j] += mean_class_accuracy(y[va], model.predict(X[va]))
             C = Cs[int(np.argmax(scores))]  # ties -> the smallest C (strongest regularization)
-        return _make(kind, C, seed).fit(X, y), C
+        return fit(C, X, y), C
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,7 +261,7 @@ def _labelled(features: Features) -> np.ndarray:
 def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = None, *, pool: str | None = None,
                           classifiers: Sequence[str] = CLASSIFIERS, per_class: int = 30, max_test: int = 50,
                           folds: int = 5, seed: int = 0, Cs: Sequence[float] = DEFAULT_CS, cv: int = 3,
-                          progress: bool = True) -> ProbeResult:
+                          engine: str = "torch", progress: bool = True) -> ProbeResult:
     """Table 7: train each classifier on each layer's features, Caltech protocol over `folds` folds."""
     from tqdm.auto import tqdm
 
@@ -206,7 +277,7 @@ def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = Non
             for kind in classifiers:
                 accs, chosen = [], []
                 for train, test in splits:
-                    model, C = fit_probe(X[train], y[train], kind, Cs=Cs, cv=cv, seed=seed)
+                    model, C = fit_probe(X[train], y[train], kind, Cs=Cs, cv=cv, seed=seed, engine=engine)
                     accs.append(mean_class_accuracy(y[test], model.predict(X[test])))
                     chosen.append(C)
                     bar.update()
@@ -214,14 +285,15 @@ def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = Non
     finally:
         bar.close()
     config = {"per_class": per_class, "max_test": max_test, "folds": folds, "seed": seed, "pool": pool,
-              "classifiers": list(classifiers), "Cs": list(Cs), "cv": cv, "n_images": len(y),
+              "classifiers": list(classifiers), "Cs": list(Cs), "cv": cv, "engine": engine, "n_images": len(y),
               "n_classes": len(np.unique(y)), "features": features.config}
     return ProbeResult(config, scores, list(features.skipped))
 
 
 def fewshot_curve(features: Features, layer: str, *, pool: str | None = None, classifier: str = "svm",
                   per_class: Sequence[int] = FEWSHOT_N, max_test: int = 50, folds: int = 5, seed: int = 0,
-                  Cs: Sequence[float] = DEFAULT_CS, cv: int = 3, progress: bool = True) -> dict:
+                  Cs: Sequence[float] = DEFAULT_CS, cv: int = 3, engine: str = "torch",
+                  progress: bool = True) -> dict:
     """Fig. 9: accuracy against training images per class, one fixed test set per fold for every N.
 
     Each fold draws max(per_class) training images per class and its test images once; N-shot training
@@ -241,7 +313,7 @@ def fewshot_curve(features: Features, layer: str, *, pool: str | None = None, cl
             accs, chosen = [], []
             for train, test in splits:
                 sub = first_per_class(train, y, n)
-                model, C = fit_probe(X[sub], y[sub], classifier, Cs=Cs, cv=cv, seed=seed)
+                model, C = fit_probe(X[sub], y[sub], classifier, Cs=Cs, cv=cv, seed=seed, engine=engine)
                 accs.append(mean_class_accuracy(y[test], model.predict(X[test])))
                 chosen.append(C)
                 bar.update()
@@ -285,7 +357,7 @@ def run_probe(model: torch.nn.Module, data, out: str | Path, *, layers: Sequence
               pools: Sequence[str] = ("avg",), classifiers: Sequence[str] = CLASSIFIERS, per_class: int = 30,
               max_test: int = 50, folds: int = 5, seed: int = 0, Cs: Sequence[float] = DEFAULT_CS, cv: int = 3,
               scratch: dict | None = None, cache_dir=None, batch_size: int = 32, workers: int = 0,
-              progress: bool = True) -> ProbeResult:
+              engine: str = "torch", progress: bool = True) -> ProbeResult:
     """Table 7 end to end: features (cached), probes per layer, pooling and classifier, optionally the
     from-scratch baseline (`scratch` = kwargs of `zfnet.scratch.scratch_baseline` plus "model"), written to
     `out/result.json`. With several pools, rows are named "layer/pool".
@@ -301,7 +373,7 @@ def run_probe(model: torch.nn.Module, data, out: str | Path, *, layers: Sequence
     for pool in pools:
         result = probe_layers_accuracy(feats, layers or feats.layers, pool=pool, classifiers=classifiers,
                                        per_class=per_class, max_test=max_test, folds=folds, seed=seed, Cs=Cs,
-                                       cv=cv, progress=progress)
+                                       cv=cv, engine=engine, progress=progress)
         for layer, v in result.scores.items():
             scores[layer if len(pools) == 1 else f"{layer}/{pool}"] = v
     result.scores = scores
@@ -327,7 +399,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
                 classifier: str = "svm", per_class: Sequence[int] = FEWSHOT_N, max_test: int = 50,
                 folds: int = 5, seed: int = 0, Cs: Sequence[float] = DEFAULT_CS, cv: int = 3,
                 scratch: dict | None = None, cache_dir=None, batch_size: int = 32, workers: int = 0,
-                progress: bool = True) -> dict:
+                engine: str = "torch", progress: bool = True) -> dict:
     """Fig. 9 end to end: one curve per layer (and optionally from scratch), `out/result.json` and
     `out/fewshot.png`."""
     from .features import extract_features
@@ -340,7 +412,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
     for layer in layers:
         curves[f"{classifier} on {layer} ({pool})"] = fewshot_curve(
             feats, layer, pool=pool, classifier=classifier, per_class=per_class, max_test=max_test, folds=folds,
-            seed=seed, Cs=Cs, cv=cv, progress=progress)
+            seed=seed, Cs=Cs, cv=cv, engine=engine, progress=progress)
     if scratch:
         from .scratch import scratch_baseline
 
@@ -360,7 +432,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
         curves["from scratch"] = curve
     config = {"data": str(data), "layers": list(layers), "pool": pool, "classifier": classifier,
               "per_class": sorted({int(n) for n in per_class}), "max_test": max_test, "folds": folds,
-              "seed": seed, "Cs": list(Cs), "cv": cv, "features": feats.config,
+              "seed": seed, "Cs": list(Cs), "cv": cv, "engine": engine, "features": feats.config,
               "seconds": round(time.time() - t0, 1)}
     result = {"schema": 1, "config": config, "curves": curves, "skipped": feats.skipped}
     write_json(Path(out) / "result.json", result)
