@@ -234,14 +234,28 @@ def _with_data(model, data, diag, arrays, max_images, batch_size, preprocess, pr
         if units:
             dev = next(model.parameters()).device
             proj = project(model, torch.stack(imgs).to(dev), units, "deconv", pairs=True).cpu()
-            patches = [proj[i, :, y0:y1, x0:x1] for i, (y0, y1, x0, x1) in enumerate(boxes)]
-            side = max(p.shape[-1] for p in patches)
-            same = [p for p in patches if p.shape[-2:] == (side, side)] or patches
-            # Only full-size (not image-border clipped) patches, so every share is over the same grid.
-            stack = torch.stack([p for p in same if p.shape == same[0].shape])
+            patches = [_field_patch(proj[i], info, u, box) for i, (u, box) in enumerate(zip(units, boxes))]
+            # Units at the image border see a clipped box; their patches are zero-padded to the full
+            # receptive field (nothing outside the image projects), so every share is over one grid.
+            stack = torch.stack([p for p in patches if p.shape == patches[0].shape])
             a_own = aliasing_share(stack, diag.stride1)
             a_8 = aliasing_share(stack, 4)
             layer2.update(aliasing=float(a_own.nanmean()), above_1_8=float(a_8.nanmean()), units=len(stack))
             arrays.update(layer2_aliasing=a_own.numpy(), layer2_above_1_8=a_8.numpy())
     diag.layer2 = layer2
     return diag, arrays, patches
+
+
+def _field_patch(proj: torch.Tensor, info, unit: str, box) -> torch.Tensor:
+    """The projection inside a unit's full receptive field (size_y, size_x), zero where it leaves the image."""
+    y0, y1, x0, x1 = box
+    f = info.field
+    if f is None:
+        return proj[:, y0:y1, x0:x1]
+    y, x = (int(v) for v in unit.rsplit("@", 1)[1].split(","))
+    ay, ax = f.start_y + y * f.jump_y, f.start_x + x * f.jump_x
+    out = proj.new_zeros(proj.shape[0], f.size_y, f.size_x)
+    oy0, ox0 = max(y0, ay), max(x0, ax)
+    oy1, ox1 = min(y1, ay + f.size_y), min(x1, ax + f.size_x)
+    out[:, oy0 - ay:oy1 - ay, ox0 - ax:ox1 - ax] = proj[:, oy0:oy1, ox0:ox1]
+    return out
