@@ -124,6 +124,10 @@ def test_cli_atlas(tmp_path, capsys):
                "nope", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown layer 'nope'" in err and "Traceback" not in err
+    (tmp_path / "file").write_text("x")
+    rc = main(["atlas", "--model", "test_mine:Tiny", "--weights", "none", "--data", str(folder), "--out",
+               str(tmp_path / "file")])
+    assert rc == 2 and "is a file" in capsys.readouterr().err
 
 
 def test_squeezenet_on_real_photos(squeezenet, imagenet_samples, tmp_path):

@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .data import ImageDataset, Preprocess
+from .errors import ZfnetError
 from .layers import feature_layers, layer_table
 from .mine import MineResult, init_distributed, mine
 from .render import grid, image_to_rgb, save_png, signed_to_rgb
@@ -170,6 +171,10 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
     """
     t0 = time.time()
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ZfnetError(f"--out {out} is a file; the atlas needs a folder")
+    if k < 1:
+        raise ZfnetError(f"k must be at least 1, not {k}")
     out.mkdir(parents=True, exist_ok=True)
     preprocess = preprocess or Preprocess.for_model(model)
     if isinstance(data, ImageDataset):
