@@ -55,21 +55,6 @@ def test_identical_images_give_zero(tmp_path):
     assert "left_eye" in r.format() and "random" in r.markdown()
 
 
-def test_real_dogs_squeezenet(squeezenet):
-    need_shared(DOGS)
-    entries, names = load_parts(DOGS)
-    assert names == ["left_eye", "right_eye", "nose"] and all(e["file"].exists() for e in entries)
-    r = correspondence(squeezenet, DOGS, random_draws=2, layers=["features.12", "classifier.2"])
-    assert len(r.files) == 5 and r.skipped == []
-    for name in r.layers:
-        for key in names + ["random"]:
-            m = r.table[name][key]["mean"]
-            assert 0 < m < 1 and len(r.table[name][key]["pairs"]) == (10 if key != "random" else 20)
-    # the left-eye squares sit where the parts file says: the Maltese's eye at file (128, 101) -> input
-    # (101 - 58, 128 - 16) = (43, 112) under resize 256 / centre crop 224, so a 30-px square starts at (28, 97)
-    assert r.boxes["left_eye"][0] == [28, 58, 97, 127]
-
-
 def test_bad_inputs(tmp_path):
     m = _tiny()
     img = sample_dir() / "chelsea_cat.jpg"  # 385 x 256
@@ -101,18 +86,28 @@ def test_bad_inputs(tmp_path):
         correspondence(m, _parts_file(tmp_path, [{"file": "a.jpg"}, {"file": "b.jpg"}]))
 
 
-def test_cli(tmp_path):
+def test_real_dogs_cli(tmp_path):
+    """The shared dogs with real SqueezeNet through the CLI: result.json schema, masks where the parts are."""
     from zfnet.cli import main
 
     need_shared(DOGS)
+    entries, names = load_parts(DOGS)  # images found in ../imagenet-samples next to the dogs folder
+    assert names == ["left_eye", "right_eye", "nose"] and all(e["file"].exists() for e in entries)
     out = tmp_path / "t1"
-    rc = main(["correspond", "--parts", str(DOGS), "--weights", str(SQUEEZENET_WEIGHTS), "--draws", "1",
-               "--part", "nose", "right_eye", "--out", str(out), "--json"])
+    rc = main(["correspond", "--parts", str(DOGS), "--weights", str(SQUEEZENET_WEIGHTS), "--draws", "2",
+               "--layers", "features.12", "classifier.2", "--out", str(out), "--json"])
     assert rc == 0
     res = json.loads((out / "result.json").read_text())
-    assert res["schema"] == 1 and list(res["layers"]) == ["features.12"]
-    assert set(res["layers"]["features.12"]) == {"right_eye", "nose", "random"}
-    assert {"mean", "std"} <= set(res["layers"]["features.12"]["nose"])
-    assert (out / "masks.png").exists() and "| nose |" in (out / "table1.md").read_text()
+    assert res["schema"] == 1 and list(res["layers"]) == ["features.12", "classifier.2"]
+    for name in res["layers"]:
+        assert set(res["layers"][name]) == {"left_eye", "right_eye", "nose", "random"}
+        for key, v in res["layers"][name].items():
+            assert 0 < v["mean"] < 1 and v["std"] >= 0
+            assert len(v["pairs"]) == (10 if key != "random" else 20)
+    assert len(res["files"]) == 5 and res["skipped"] == []
+    # the Maltese's left eye at file (128, 101) -> input (101 - 58, 128 - 16) = (43, 112) under resize
+    # 256 / centre crop 224, so the 30-px square starts at (28, 97)
+    assert res["boxes"]["left_eye"][0] == [28, 58, 97, 127]
+    assert "| nose |" in (out / "table1.md").read_text() and (out / "masks.png").exists()
     assert main(["correspond", "--parts", str(tmp_path / "x.json"), "--weights", str(SQUEEZENET_WEIGHTS),
                  "--out", str(out)]) == 2

@@ -34,19 +34,20 @@ def test_transforms_hand_checked():
 
 
 def test_penultimate_layer():
-    assert penultimate_layer(zfnet()) == "relu7"
-    assert penultimate_layer(zfnet(remove=(6, 7))) == "pool5"
+    small = dict(widths=(4, 8, 8, 8, 4), fc=8)
+    assert penultimate_layer(zfnet(**small)) == "relu7"
+    assert penultimate_layer(zfnet(remove=(6, 7), **small)) == "pool5"
     assert penultimate_layer(squeezenet1_1()) == "features.12"
     seq = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(),
                         nn.Linear(4, 2))
     assert penultimate_layer(seq) == "2"
-    assert default_layers(zfnet()) == ["relu1", "relu7"]
+    assert default_layers(zfnet(**small)) == ["relu1", "relu7"]
 
 
 def test_real_squeezenet_sweeps(squeezenet, tmp_path):
     need_shared(SAMPLES)
     files = [SAMPLES / "n01440764_tench.jpg", SAMPLES / "n02123045_tabby.jpg", tmp_path / "missing.jpg"]
-    sweeps = {"translate": [-20, 0, 20], "scale": [1.0, 1.5], "rotate": [0, 90, 360]}
+    sweeps = {"translate": [-20, 0, 20], "scale": [1.0, 1.5], "rotate": [0, 90, 360]}  # 8 views / image
     r = invariance(squeezenet, files, labels=[0, 281, 5], sweeps=sweeps)
     assert r.files == [str(f) for f in files[:2]] and r.labels == [0, 281]
     assert len(r.skipped) == 1 and "missing.jpg" in r.skipped[0][1]

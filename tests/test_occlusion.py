@@ -11,7 +11,7 @@ from conftest import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 from zfnet.data import Preprocess, load_image
 from zfnet.errors import ZfnetError
 from zfnet.models import zfnet
-from zfnet.occlusion import file_to_input, input_to_file, occluded_outputs, occluder_boxes, occlusion, render_occlusion
+from zfnet.occlusion import file_to_input, input_to_file, occluded_outputs, occluder_boxes, occlusion
 
 
 class RegionNet(nn.Module):
@@ -77,7 +77,7 @@ def test_incremental_equals_naive_and_captum_squeezenet(squeezenet):
         path = sorted(SAMPLES.glob("n02123045*"))[0]
     # A central 160 x 160 crop keeps the three runs (incremental, naive, Captum) quick.
     x = Preprocess.for_model(squeezenet)(load_image(path))[None, :, 32:192, 32:192].contiguous()
-    S, T = 48, 28
+    S, T = 48, 37  # 4 x 4 positions
     fast = occlusion(squeezenet, x, size=S, stride=T, project_map=False)
     slow = occlusion(squeezenet, x, size=S, stride=T, method="naive", project_map=False)
     np.testing.assert_allclose(fast.prob, slow.prob, rtol=1e-5, atol=1e-6)
@@ -124,9 +124,6 @@ def test_bad_inputs(tmp_path):
 def test_figure_and_cli(tmp_path, squeezenet):
     from zfnet.cli import main
 
-    render_occlusion(occlusion(_tiny_zfnet(), torch.randn(1, 3, 224, 224), size=112, stride=112,
-                               project_map=False), tmp_path / "fig.png")
-    assert (tmp_path / "fig.png").stat().st_size > 1000
     img = need_shared(SAMPLES) / "n01440764_tench.jpg"
     img = img if img.exists() else sorted(SAMPLES.glob("*.jpg"))[0]
     out = tmp_path / "occ"
@@ -180,8 +177,8 @@ def test_incremental_equals_naive_resnet_like():
             mod.running_mean.normal_()
             mod.running_var.uniform_(0.5, 2)
     assert [s.name for s in _chain(m)][4:6] == ["layer1.0", "layer1.1"]  # blocks are stages
-    x = torch.randn(1, 3, 96, 96)
-    rows = occluder_boxes(96, 13, 7)
+    x = torch.randn(1, 3, 64, 64)
+    rows = occluder_boxes(64, 13, 9)
     boxes = [(a, b, c, d) for a, b in rows for c, d in rows]
     o1, s1 = occluded_outputs(m, x, boxes, track="layer1.0")
     o2, s2 = occluded_outputs(m, x, boxes, track="layer1.0", method="naive")
