@@ -77,7 +77,7 @@ def test_incremental_equals_naive_and_captum_squeezenet(squeezenet):
         path = sorted(SAMPLES.glob("n02123045*"))[0]
     # A central 160 x 160 crop keeps the three runs (incremental, naive, Captum) quick.
     x = Preprocess.for_model(squeezenet)(load_image(path))[None, :, 32:192, 32:192].contiguous()
-    S, T = 48, 37  # 4 x 4 positions
+    S, T = 48, 37  # 5 x 5 positions, the last ones truncated at the border (as Captum does)
     fast = occlusion(squeezenet, x, size=S, stride=T, project_map=False)
     slow = occlusion(squeezenet, x, size=S, stride=T, method="naive", project_map=False)
     np.testing.assert_allclose(fast.prob, slow.prob, rtol=1e-5, atol=1e-6)
