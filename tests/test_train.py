@@ -204,3 +204,18 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert a["metrics"][-1]["val_top1_err"] == pytest.approx(b["metrics"][-1]["val_top1_err"])
     assert sorted(p.name for p in Path(two.out).iterdir()) == ["checkpoint.pth", "epoch_001.pth",
                                                                "epoch_002.pth", "metrics.json"]
+
+
+def test_unreadable_training_files_are_skipped_and_reported(tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    for c in range(3):  # 7 files a class: 6 train + 1 test, and the broken one lands in one of them
+        (data / f"class{c}" / "zz_broken.png").write_bytes(b"not an image")
+    main(tiny_cfg(data, tmp_path / "run", epochs=1, train_per_class=6))
+    ck = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("zfnet: skipping") and "zz_broken.png" in ln]
+    assert len(lines) == 3  # each reported once, from the training or the test share
+    n_val = ck["metrics"][-1]["val_images"]
+    assert len(ck["skipped_train"]) + (3 - n_val) == 3
+    with pytest.raises(ZfnetError, match="no training data"):
+        main(TrainConfig(out=str(tmp_path / "x")))

@@ -273,12 +273,17 @@ def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, desc: str = "val") -> dict:
-    """Top-1 / top-5 error (%) over this process's share, summed over all processes."""
+def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, desc: str = "val",
+             skipped: list | None = None) -> dict:
+    """Top-1 / top-5 error (%) over this process's share, summed over all processes.
+
+    Unreadable images are left out of the errors; their messages are appended to `skipped`."""
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # n, top1 correct, top5 correct, loss sum
     bar = _bar(len(loader), desc, progress)
-    for x, y, _, _errors in loader:
+    for x, y, _, errors in loader:
+        if skipped is not None:
+            skipped += [msg for _, msg in errors]
         if x is not None:
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -428,7 +433,11 @@ def main(cfg: TrainConfig) -> dict:
         metrics.update(train_one_epoch(net, criterion, optimizer, loader, device, epoch, cfg, scaler, show))
         if len(val_ds):
             crops = cfg.val_crops if last else (cfg.epoch_val_crops or cfg.val_crops)
-            metrics.update(evaluate(model, val_loader(crops), device, d, show), val_crops=crops)
+            bad_val: list[str] = []
+            metrics.update(evaluate(model, val_loader(crops), device, d, show, skipped=bad_val), val_crops=crops)
+            if epoch == start:  # the same files every epoch: say it once
+                for msg in bad_val:
+                    print(f"zfnet: skipping {msg}", file=sys.stderr)
             scheduler.step(metrics["val_top1_err"])
         metrics["seconds"] = round(time.time() - t0, 2)
         recent = metrics["seconds"]
