@@ -87,8 +87,10 @@ def photo(squeezenet, imagenet_samples):
 
 @pytest.mark.parametrize("mode", ["deconv", "guided", "saliency"])
 def test_squeezenet_equals_captum(squeezenet, photo, mode):
-    # float32 (fast) on the whole image; that crops change nothing is tested below in float64.
-    units = strongest_units(squeezenet, photo, squeezenet.feature_layers)
+    # float32 (fast) on the whole image; that crops change nothing is tested below in float64. Every
+    # feature layer in deconv mode; guided and saliency differ only in the ReLU rule: every other layer.
+    layers = squeezenet.feature_layers if mode == "deconv" else squeezenet.feature_layers[::2]
+    units = strongest_units(squeezenet, photo, layers)
     check_against_captum(squeezenet, non_inplace(squeezenet), photo, units, mode, double=False, crop=False)
 
 
@@ -105,6 +107,7 @@ def zf():
 def test_zfnet_equals_captum_with_norm_backprop(zf, mode):
     model, x = zf
     layers = ["conv1", "conv2", "relu3", "relu4", "relu5", "pool5"]
+    layers = layers if mode == "deconv" else layers[1::2]
     units = strongest_units(model, x, layers, channel=7)
     check_against_captum(model, model, x, units, mode, backprop_norm=True)
 
@@ -348,17 +351,17 @@ def test_crop_exact_on_squeezenet(squeezenet, photo):
     table = layer_table(squeezenet, 224)
     acts = run_with_taps(squeezenet, photo, squeezenet.feature_layers)
     units = []
-    for layer in ("features.1", "features.4", "features.7", "features.12"):
+    for layer in ("features.1", "features.7", "features.12"):
         a = acts[layer][0]
         channel = int((a[:, 0].amax(1) + a[:, -1].amax(1)).argmax())  # strong on the top and bottom rows
-        units += border_units(table, layer, channel, ys=(0, -1), xs=(0, -1))
+        units += border_units(table, layer, channel, ys=(0, -1), xs=(-1,))
     full = assert_crop_exact(squeezenet, photo, units)
     assert (full.flatten(2).abs().amax(2) > 0).float().mean() > 0.5  # most of them are not trivially zero
     crop = plan_crop(squeezenet, table, parse_unit("features.7:0@6,6"), (224, 224))
     assert crop is not None and crop.hc * crop.wc < 0.5 * 224 * 224  # an interior unit is really cropped
 
 
-@pytest.mark.parametrize("size", [(224, 224), (231, 237)])
+@pytest.mark.parametrize("size", [(231, 237)])
 def test_crop_exact_on_zfnet_odd_sizes(zf, size):
     model, _ = zf
     x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(3))
