@@ -59,19 +59,20 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
     twin = captum_twin(model)
     mods = dict(twin.named_modules())
     tot_ours = tot_captum = 0.0
+    cpu = [0.0, 0.0]
     count = 0
     print(f"{name}: {n_units} units x {n_images} images per layer")
     for layer in feature_layers(model):
         x, units = workload(model, images, layer, n_units, n_images)
         # backprop_norm=True: Captum backpropagates LRN, so both compute the same numbers.
         project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         ours = project(model, x, units, pairs=True, backprop_norm=True)
-        t_ours = time.perf_counter() - t
+        t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
         # Captum: one call per projection, on a subset if asked (time scaled to the full count).
         idx = list(range(0, len(units), captum_every))
         deconv = NeuronDeconvolution(twin, mods[layer])
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for k in idx:
@@ -80,18 +81,22 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
                 y, x_ = map(int, yx.split(","))
                 ref = deconv.attribute(x[k:k + 1].clone(), (int(c), y, x_))
         t_captum = (time.perf_counter() - t) * len(units) / len(idx)
+        c_captum = (time.process_time() - c) * len(units) / len(idx)
         # Sanity: the last one agrees (ours is seeded with the activation itself).
         with torch.no_grad():
             a = run_with_taps(model, x[k:k + 1], [layer])[layer][0, int(c), y, x_]
         err = (ours[k] - ref[0] * a).abs().max().item() / max(ref.abs().max().item() * abs(a.item()), 1e-30)
         tot_ours += t_ours
         tot_captum += t_captum
+        cpu[0] += c_ours
+        cpu[1] += c_captum
         count += len(units)
         print(f"  {layer:12s} zfnet {len(units) / t_ours:8.1f}/s   captum {len(units) / t_captum:7.1f}/s   "
-              f"x{t_captum / t_ours:6.1f}   (rel. diff of a check {err:.1e})", flush=True)
+              f"x{t_captum / t_ours:6.1f} (cpu time x{c_captum / c_ours:6.1f})   (rel. diff of a check {err:.1e})",
+              flush=True)
     print(f"  {name} total: zfnet {count / tot_ours:.1f} proj/s, captum {count / tot_captum:.1f} proj/s, "
-          f"ratio {tot_captum / tot_ours:.1f}")
-    return count, tot_ours, tot_captum
+          f"ratio {tot_captum / tot_ours:.1f} (cpu time ratio {cpu[1] / cpu[0]:.1f})")
+    return count, tot_ours, tot_captum, cpu[0], cpu[1]
 
 
 def main(argv=None):
@@ -121,8 +126,9 @@ def main(argv=None):
     count = sum(r[0] for r in results)
     ours = sum(r[1] for r in results)
     captum = sum(r[2] for r in results)
+    cpu_ratio = sum(r[4] for r in results) / sum(r[3] for r in results)
     print(f"all: zfnet {count / ours:.1f} proj/s, captum {count / captum:.1f} proj/s "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads); cpu time ratio {cpu_ratio:.1f}")
     print(f"ratio={captum / ours:.1f}")
 
 
