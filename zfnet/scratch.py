@@ -19,7 +19,7 @@ from .data import load_image
 from .errors import ZfnetError
 from .probes import mean_class_accuracy
 
-__all__ = ["decode_small", "scratch_baseline", "train_from_scratch"]
+__all__ = ["decode_small", "reinit", "scratch_baseline", "train_from_scratch"]
 
 
 def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[torch.Tensor, np.ndarray, list]:
@@ -48,6 +48,23 @@ def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[tor
         out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         ok[i] = True
     return out, ok, skipped
+
+
+def reinit(model: torch.nn.Module) -> torch.nn.Module:
+    """He-initialize every conv / linear layer (zero biases) and start the class layer small.
+
+    Without batch norm, PyTorch's default init leaves deep ReLU stacks such as SqueezeNet with vanishing
+    activations: the class scores start (and stay) at zero and training never leaves chance. This is
+    torchvision's recipe for SqueezeNet, applied to any model.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    for m in layers:
+        torch.nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+        if m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+    if layers:
+        torch.nn.init.normal_(layers[-1].weight, 0.0, 0.01)
+    return model
 
 
 def train_from_scratch(model: torch.nn.Module, images: torch.Tensor, labels: Sequence[int], train: np.ndarray,
@@ -122,7 +139,7 @@ def scratch_baseline(spec, paths: Sequence, labels: Sequence[int], splits: list,
     accs = []
     for f, (train, test) in enumerate(splits):
         torch.manual_seed(seed + f)
-        model = load_model(spec, None, num_classes=n_classes, device=device)
+        model = reinit(load_model(spec, None, num_classes=n_classes, device=device))
         accs.append(train_from_scratch(model, images, labels, train, test, epochs=epochs, batch_size=batch_size,
                                        lr=lr, seed=seed + f, progress=progress))
     config = {"model": spec if isinstance(spec, str) else type(spec).__name__, "size": size,
