@@ -66,13 +66,13 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         x, units = workload(model, images, layer, n_units, n_images)
         # backprop_norm=True: Captum backpropagates LRN, so both compute the same numbers.
         project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
-        t, c = time.perf_counter(), time.process_time()
+        t, t_cpu = time.perf_counter(), time.process_time()
         ours = project(model, x, units, pairs=True, backprop_norm=True)
-        t_ours, c_ours = time.perf_counter() - t, time.process_time() - c
+        t_ours, c_ours = time.perf_counter() - t, time.process_time() - t_cpu
         # Captum: one call per projection, on a subset if asked (time scaled to the full count).
         idx = list(range(0, len(units), captum_every))
         deconv = NeuronDeconvolution(twin, mods[layer])
-        t, c = time.perf_counter(), time.process_time()
+        t, t_cpu = time.perf_counter(), time.process_time()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for k in idx:
@@ -81,7 +81,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
                 y, x_ = map(int, yx.split(","))
                 ref = deconv.attribute(x[k:k + 1].clone(), (int(c), y, x_))
         t_captum = (time.perf_counter() - t) * len(units) / len(idx)
-        c_captum = (time.process_time() - c) * len(units) / len(idx)
+        c_captum = (time.process_time() - t_cpu) * len(units) / len(idx)
         # Sanity: the last one agrees (ours is seeded with the activation itself).
         with torch.no_grad():
             a = run_with_taps(model, x[k:k + 1], [layer])[layer][0, int(c), y, x_]

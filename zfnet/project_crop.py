@@ -29,6 +29,8 @@ from .layers import LayerTable, Unit, run_with_taps
 
 __all__ = ["Crop", "plan_crop", "croppable"]
 
+_WORTH = 0.7  # crop only when it keeps less than this fraction of the image's pixels
+
 
 @dataclass(frozen=True)
 class Crop:
@@ -79,8 +81,8 @@ def plan_crop(model: nn.Module, table: LayerTable, unit: Unit, size: tuple[int, 
     h, w = size
     oy, hc = _span(f.start_y + unit.y * f.jump_y, f.size_y, f.jump_y, h)
     ox, wc = _span(f.start_x + unit.x * f.jump_x, f.size_x, f.jump_x, w)
-    if (oy, ox, hc, wc) == (0, 0, h, w):
-        return None
+    if hc * wc >= _WORTH * h * w:
+        return None  # barely smaller (or larger, with zeros): the whole image batches with the others
     return Crop(oy, ox, hc, wc, oy // f.jump_y, ox // f.jump_x)
 
 
