@@ -63,13 +63,11 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit],
             raise ZfnetError(f"pairs=True needs one unit per image: got {len(units)} units for {n} images")
         out = images.new_zeros((n, c, h, w) if pairs else (n, len(units), c, h, w))
         jobs = [(i, i) for i in range(n)] if pairs else [(i, u) for i in range(n) for u in range(len(units))]
-        crops = {u: None for u in range(len(units))}
+        crops = [plan_crop(model, table, unit, (h, w), c) if crop else None for unit in units]
         # Jobs that share a layer and a crop shape share a batch.
         groups: dict[tuple, list] = defaultdict(list)
         for i, u in jobs:
-            cr = plan_crop(model, table, units[u], (h, w), c) if crop else None
-            crops[u] = cr
-            groups[(units[u].layer, cr.shape if cr else (h, w))].append((i, u))
+            groups[(units[u].layer, crops[u].shape if crops[u] else (h, w))].append((i, u))
         rules = BackwardRules(mode, pass_norm=(mode == "deconv" and not backprop_norm))
         for (layer, (hc, wc)), group in sorted(groups.items(), key=lambda kv: table[kv[0][0]].index):
             per_batch = batch_size or max(1, _PIXEL_BUDGET // (hc * wc))
