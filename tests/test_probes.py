@@ -305,11 +305,13 @@ def test_cli_probe_fewshot_and_bad_input(tmp_path, capsys):
     assert saved["layers"]["features.1"]["svm"]["mean"] > 60  # the dominant colour is plain in layer 1
 
     rc = main(["fewshot", "--model", "squeezenet1_1", "--weights", weights, "--data", str(root), "--layers",
-               "features.1", "--per-class", "1,2,4", "--folds", "2", "--cache", str(tmp_path / "cache"),
-               "--out", str(tmp_path / "few")])
+               "features.1", "--per-class", "1,4", "--folds", "1", "--cache", str(tmp_path / "cache"),
+               "--scratch", "--scratch-size", "32", "--scratch-epochs", "1", "--out", str(tmp_path / "few")])
     assert rc == 0 and (tmp_path / "few" / "fewshot.png").exists()
     few = json.loads((tmp_path / "few" / "result.json").read_text())
-    assert few["curves"]["svm on features.1 (avg)"]["per_class"] == [1, 2, 4]
+    assert few["curves"]["svm on features.1 (avg)"]["per_class"] == [1, 4]
+    scratch = few["curves"]["from scratch"]
+    assert len(scratch["mean"]) == 2 and scratch["config"]["pretrained"] is False
 
     capsys.readouterr()
     rc = main(["probe", "--model", "squeezenet1_1", "--weights", weights, "--data", str(root), "--per-class",

@@ -414,7 +414,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
             feats, layer, pool=pool, classifier=classifier, per_class=per_class, max_test=max_test, folds=folds,
             seed=seed, Cs=Cs, cv=cv, engine=engine, progress=progress)
     if scratch:
-        from .scratch import scratch_baseline
+        from .scratch import decode_small, scratch_baseline
 
         kw = dict(scratch)
         spec = kw.pop("model")
@@ -422,10 +422,11 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
         splits = caltech_folds(feats.labels, max(ns), max_test=max_test, folds=folds, seed=seed,
                                classes=feats.classes)
         curve = {"per_class": ns, "mean": [], "std": [], "folds": []}
+        images = decode_small(feats.paths, kw.get("size", 64), progress)[0]
         for n in ns:
             s = scratch_baseline(spec, feats.paths, feats.labels,
                                  [(first_per_class(tr, feats.labels, n), te) for tr, te in splits], seed=seed,
-                                 progress=progress, **kw)
+                                 images=images, progress=progress, **kw)
             for k in ("mean", "std", "folds"):
                 curve[k].append(s[k])
         curve["config"] = s["config"]

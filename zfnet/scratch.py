@@ -123,7 +123,7 @@ def train_from_scratch(model: torch.nn.Module, images: torch.Tensor, labels: Seq
 
 def scratch_baseline(spec, paths: Sequence, labels: Sequence[int], splits: list, *, size: int = 64,
                      epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
-                     device: str = "cpu", progress: bool = True) -> dict:
+                     device: str = "cpu", images: torch.Tensor | None = None, progress: bool = True) -> dict:
     """The from-scratch row of Table 7: for every (train, test) fold, a fresh randomly initialized
     `spec` model (registry name or factory, as `load_model`) trained on the train images only.
 
@@ -133,7 +133,9 @@ def scratch_baseline(spec, paths: Sequence, labels: Sequence[int], splits: list,
 
     labels = np.asarray(labels)
     n_classes = int(labels.max()) + 1
-    images, _, skipped = decode_small(paths, size, progress)
+    skipped = []
+    if images is None:  # callers running several baselines on the same files pass them decoded once
+        images, _, skipped = decode_small(paths, size, progress)
     if skipped:  # Features already dropped unreadable files; anything here is a file that changed since
         raise ZfnetError(f"cannot decode {skipped[0][0]} for the from-scratch baseline: {skipped[0][1]}")
     accs = []
