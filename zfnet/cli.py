@@ -53,10 +53,8 @@ def emit_json(obj):
 
 def report_skipped(skipped):
     """At the end of a batch job: say which files were skipped and why (stderr, one line each)."""
-    if skipped:
-        print(f"zfnet: skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
-        for path, why in skipped:
-            print(f"  {why}", file=sys.stderr)
+    for _path, why in skipped:  # `why` already names the file
+        print(f"zfnet: skipped: {why}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
