@@ -166,3 +166,12 @@ def test_feature_layers():
     generic = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                             nn.Flatten(), nn.Linear(4, 2), nn.ReLU())
     assert feature_layers(generic) == ["1", "3"]
+
+
+def test_table_leaves_batch_norm_and_mode_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5)).train()
+    model[3].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_table(model, 16)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training and model[1].training and not model[3].training

@@ -284,7 +284,9 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
                 seen.append((name, module, out))
         return fn
 
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        model.eval()  # the probing pass must not update batch-norm statistics or draw dropout masks
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(hook(name)))
@@ -298,6 +300,8 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes:
+            m.training = training
     infos, done = [], set()
     for name, module, out in seen:
         if name in done:  # a module called twice keeps its first call
