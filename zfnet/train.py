@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .data import collate, list_images
+from .diagnose import filter_rms  # the one measure shared by clipping and the Fig. 6 diagnosis
 from .errors import ZfnetError
 from .models import TABLE3_VARIANTS, alexnet, zfnet
 from .results import write_json
@@ -147,11 +148,6 @@ def build_model(arch: dict) -> nn.Module:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
             nn.init.zeros_(m.bias)
     return model
-
-
-def filter_rms(weight: torch.Tensor) -> torch.Tensor:
-    """Root mean square of each filter (output channel) of a conv weight (O, I, kh, kw) -> (O,)."""
-    return weight.detach().flatten(1).pow(2).mean(1).sqrt()
 
 
 @torch.no_grad()
