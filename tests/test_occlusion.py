@@ -11,7 +11,7 @@ from conftest import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 from zfnet.data import Preprocess, load_image
 from zfnet.errors import ZfnetError
 from zfnet.models import zfnet
-from zfnet.occlusion import file_to_input, input_to_file, occluded_outputs, occluder_boxes, occlusion
+from zfnet.occlusion import occluded_outputs, occluder_boxes, occlusion
 
 
 class RegionNet(nn.Module):
@@ -97,12 +97,12 @@ def test_incremental_equals_naive_and_captum_squeezenet(squeezenet):
 def test_centres_in_file_pixels():
     pre = Preprocess()  # torchvision: shorter side 256, centre 224
     # 256 x 341 file: no resize, crop offset round(117 / 2) = 58 rows, 16 columns.
-    y, x = input_to_file(pre, 256, 341, 0.0, 0.0)
+    y, x = pre.to_file(256, 341, 0.0, 0.0)
     assert (float(y), float(x)) == (58.0, 16.0)
     # 512 x 682 file: scale 2 both ways (resized 256 x 341)
-    y, x = input_to_file(pre, 512, 682, 0.0, 0.0)
+    y, x = pre.to_file(512, 682, 0.0, 0.0)
     assert (float(y), float(x)) == pytest.approx((116.5, 32.5))
-    yy, xx = file_to_input(pre, 640, 480, *input_to_file(pre, 640, 480, 100.0, 17.0))
+    yy, xx = pre.to_input(640, 480, *pre.to_file(640, 480, 100.0, 17.0))
     assert (float(yy), float(xx)) == pytest.approx((100.0, 17.0))
 
 

@@ -128,7 +128,6 @@ def correspondence(model: nn.Module, parts_file: str | Path, *, images_root: str
         random_draws: random square positions per image for the baseline (seeded by `seed`).
     """
     from .data import Preprocess, load_image
-    from .occlusion import file_to_input
 
     pre = preprocess or Preprocess.for_model(model)
     entries, names = load_parts(parts_file, images_root)
@@ -157,7 +156,7 @@ def correspondence(model: nn.Module, parts_file: str | Path, *, images_root: str
             px, py = e["parts"][p]
             if not (0 <= px < W and 0 <= py < H):
                 raise ZfnetError(f"part {p} of {e['file']} at (x={px:g}, y={py:g}) lies outside the {W}x{H} image")
-            iy, ix = file_to_input(pre, W, H, py, px)
+            iy, ix = pre.to_input(W, H, py, px)
             if not (0 <= iy < S and 0 <= ix < S):
                 raise ZfnetError(f"part {p} of {e['file']} at (x={px:g}, y={py:g}) falls outside the central "
                                  f"{S}x{S} crop the model sees")

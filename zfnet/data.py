@@ -90,19 +90,29 @@ def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, 
     return flat, None, None
 
 
-def _resize_shorter(im: Image.Image, size: int) -> Image.Image:
-    w, h = im.size
+def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(w, h) after scaling the shorter side to `size`, with torchvision's rounding (so published
+    accuracies reproduce)."""
     short, long = (w, h) if w <= h else (h, w)
     if short == size:
-        return im
-    new_long = int(size * long / short)  # torchvision's rounding, so published accuracies reproduce
-    new = (size, new_long) if w <= h else (new_long, size)
-    return im.resize(new, Image.BILINEAR)
+        return w, h
+    new_long = int(size * long / short)
+    return (size, new_long) if w <= h else (new_long, size)
+
+
+def _resize_shorter(im: Image.Image, size: int) -> Image.Image:
+    new = _resized_size(*im.size, size)
+    return im if new == im.size else im.resize(new, Image.BILINEAR)
+
+
+def _offset(n: int, size: int) -> int:
+    """Start of a centred `size` window in `n` pixels (torchvision's CenterCrop rounding)."""
+    return int(round((n - size) / 2.0))
 
 
 def _center_crop(im: Image.Image, size: int) -> Image.Image:
     w, h = im.size
-    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+    left, top = _offset(w, size), _offset(h, size)
     return im.crop((left, top, left + size, top + size))
 
 
@@ -176,8 +186,29 @@ class Preprocess:
                 x = x.flip(-1)
             return x.contiguous()
         H, W = x.shape[-2:]
-        t, left = int(round((H - s) / 2.0)), int(round((W - s) / 2.0))
+        t, left = _offset(H, s), _offset(W, s)
         return x[:, t:t + s, left:left + s].contiguous()
+
+    def _file_geometry(self, width: int, height: int) -> tuple[float, float, int, int]:
+        """(scale_y, scale_x, off_y, off_x) of the centre crop: input pixel i is resized pixel i + off,
+        and a resized pixel is `scale` file pixels."""
+        rw, rh = _resized_size(width, height, self.resize)
+        scale_y, scale_x = height / rh, width / rw
+        oy = ox = 0
+        if self.preset == "paper":  # the central resize x resize square comes first
+            oy, ox = _offset(rh, self.resize), _offset(rw, self.resize)
+            rh, rw = self.resize, self.resize
+        return scale_y, scale_x, oy + _offset(rh, self.size), ox + _offset(rw, self.size)
+
+    def to_file(self, width: int, height: int, y, x):
+        """Input-tensor pixel coordinates (centre crop) -> pixel coordinates of a width x height file."""
+        sy, sx, oy, ox = self._file_geometry(width, height)
+        return (np.asarray(y, float) + oy + 0.5) * sy - 0.5, (np.asarray(x, float) + ox + 0.5) * sx - 0.5
+
+    def to_input(self, width: int, height: int, y, x):
+        """Pixel coordinates of a width x height file -> input-tensor pixel coordinates (inverse of to_file)."""
+        sy, sx, oy, ox = self._file_geometry(width, height)
+        return (np.asarray(y, float) + 0.5) / sy - 0.5 - oy, (np.asarray(x, float) + 0.5) / sx - 0.5 - ox
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to displayable RGB in [0, 1] (for patches shown beside projections)."""

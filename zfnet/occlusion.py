@@ -28,7 +28,7 @@ from .errors import ZfnetError
 from .layers import Field, Unit, feature_layers, layer_table, run_with_taps, taps
 
 __all__ = ["OcclusionResult", "occlusion", "occluder_boxes", "occluded_outputs", "pixel_attribution",
-           "render_occlusion", "input_to_file", "file_to_input"]
+           "render_occlusion"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,40 +42,6 @@ def occluder_boxes(n: int, size: int, stride: int) -> list[tuple[int, int]]:
         raise ZfnetError(f"occluder size {size} exceeds the {n}-pixel input")
     steps = math.ceil((n - size) / stride) + 1
     return [(i * stride, min(n, i * stride + size)) for i in range(steps)]
-
-
-def _resized_size(pre, width: int, height: int) -> tuple[int, int]:
-    short, long = (width, height) if width <= height else (height, width)
-    if short == pre.resize:
-        return width, height
-    new_long = int(pre.resize * long / short)  # the same rounding as zfnet.data._resize_shorter
-    return (pre.resize, new_long) if width <= height else (new_long, pre.resize)
-
-
-def _crop_offsets(pre, width: int, height: int) -> tuple[float, float, float, float]:
-    """(scale_y, scale_x, off_y, off_x): input pixel i sits at resized pixel i + off, file = resized*scale."""
-    rw, rh = _resized_size(pre, width, height)
-    oy = ox = 0
-    if pre.preset == "paper":  # central resize x resize square first
-        oy, ox = int(round((rh - pre.resize) / 2.0)), int(round((rw - pre.resize) / 2.0))
-        rh_c, rw_c = pre.resize, pre.resize
-    else:
-        rh_c, rw_c = rh, rw
-    oy += int(round((rh_c - pre.size) / 2.0))
-    ox += int(round((rw_c - pre.size) / 2.0))
-    return height / rh, width / rw, oy, ox
-
-
-def input_to_file(pre, width: int, height: int, y, x):
-    """Continuous input-tensor pixel coordinates -> pixel coordinates of the image file (centre-based)."""
-    sy, sx, oy, ox = _crop_offsets(pre, width, height)
-    return (np.asarray(y, float) + oy + 0.5) * sy - 0.5, (np.asarray(x, float) + ox + 0.5) * sx - 0.5
-
-
-def file_to_input(pre, width: int, height: int, y, x):
-    """Pixel coordinates of the image file -> input-tensor pixel coordinates (inverse of input_to_file)."""
-    sy, sx, oy, ox = _crop_offsets(pre, width, height)
-    return (np.asarray(y, float) + 0.5) / sy - 0.5 - oy, (np.asarray(x, float) + 0.5) / sx - 0.5 - ox
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,8 +431,8 @@ def occlusion(model: nn.Module, image, *, label: int | None = None, size: int = 
     cy = [(y0 + y1 - 1) / 2 for y0, y1 in rows]
     cx = [(x0 + x1 - 1) / 2 for x0, x1 in cols]
     if file_size is not None:  # report centres in pixels of the file as given
-        cy = input_to_file(pre, *file_size, cy, 0)[0].tolist()
-        cx = input_to_file(pre, *file_size, 0, cx)[1].tolist()
+        cy = pre.to_file(*file_size, cy, 0)[0].tolist()
+        cx = pre.to_file(*file_size, 0, cx)[1].tolist()
     projection = None
     if project_map:
         from .project import project
