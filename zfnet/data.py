@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ZfnetError
+from .progress import progress_bar
 
 __all__ = ["IMAGE_EXTENSIONS", "load_image", "list_images", "Preprocess", "ImageDataset", "collate",
            "ten_crop", "Batches", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -286,14 +287,10 @@ class Batches:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self):
-        from tqdm.auto import tqdm
-
         subset = torch.utils.data.Subset(self.dataset, self.indices)
         loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, num_workers=self.workers,
                                              collate_fn=collate, shuffle=False)
-        # disable=None: a bar on a terminal or in a notebook, nothing in logs and pipes
-        bar = tqdm(total=len(self.indices), desc=self.desc, unit="img", disable=None if self.progress else True,
-                   leave=False)
+        bar = progress_bar(total=len(self.indices), desc=self.desc, unit="img", enabled=self.progress)
         try:
             for x, labels, idx, errors in loader:
                 self.skipped += [(str(self.dataset.paths[i]), msg) for i, msg in errors]

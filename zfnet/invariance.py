@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .errors import ZfnetError
 from .layers import feature_layers, layer_table, taps
+from .progress import progress_bar
 
 __all__ = ["InvarianceResult", "invariance", "penultimate_layer", "default_layers", "transform_image",
            "render_invariance", "DEFAULT_SWEEPS"]
@@ -125,7 +126,6 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
         layers: layers whose feature vectors are compared (default: layer 1 and the penultimate layer).
         sweeps: {"translate": [...px], "scale": [...], "rotate": [...deg]} (default DEFAULT_SWEEPS).
     """
-    from tqdm.auto import tqdm
 
     from .data import Preprocess, load_image
     from .weights import model_meta
@@ -149,7 +149,7 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
     norm = {k: {name: [] for name in layers} for k in sweeps}
     prob = {k: [] for k in sweeps}
     s = pre.size
-    for i, path in enumerate(tqdm(images, desc="invariance", unit="img", disable=not progress, leave=False)):
+    for i, path in enumerate(progress_bar(images, desc="invariance", unit="img", enabled=progress)):
         try:
             base = pre.base(load_image(path))
         except ZfnetError as e:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from .errors import ZfnetError
 from .layers import Field, Unit, feature_layers, layer_table, run_with_taps, taps
+from .progress import progress_bar
 
 __all__ = ["OcclusionResult", "occlusion", "occluder_boxes", "occluded_outputs", "pixel_attribution",
            "render_occlusion"]
@@ -270,7 +271,6 @@ def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, fill: float = 
     method: "incremental" (exact, recomputes only what each occluder changes; falls back to naive when
     the model is not a chain of stages) or "naive" (full forward pass per position).
     """
-    from tqdm.auto import tqdm
 
     if method not in ("incremental", "naive"):
         raise ZfnetError(f"unknown occlusion method {method!r}; use 'incremental' or 'naive'")
@@ -284,7 +284,7 @@ def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, fill: float = 
             if track is not None and engine.track_at is None:
                 engine = None  # the tracked layer lives inside a stage: only hooks can read it
     outs, sums = [], []
-    bar = tqdm(total=len(boxes), desc="occlusion", unit="pos", disable=not progress, leave=False)
+    bar = progress_bar(total=len(boxes), desc="occlusion", unit="pos", enabled=progress)
     with torch.no_grad():
         for b in range(0, len(boxes), batch_size):
             chunk = boxes[b:b + batch_size]

@@ -23,6 +23,7 @@ import numpy as np
 
 from .data import list_images, load_image
 from .errors import ZfnetError
+from .progress import progress_bar
 
 __all__ = ["DEFAULT_THRESHOLD", "OverlapResult", "find_overlap", "thumbnails"]
 
@@ -49,10 +50,9 @@ def thumbnails(paths: Sequence, size: int = 32, zooms: Sequence[float] = ZOOMS, 
     matches nothing.
     """
     from PIL import Image, ImageFilter
-    from tqdm.auto import tqdm
 
     rows, kept, skipped = [], [], []
-    for p in tqdm(paths, desc="thumbnails", disable=not progress, leave=False):
+    for p in progress_bar(paths, desc="thumbnails", enabled=progress):
         try:
             im = load_image(p)
         except ZfnetError as e:

@@ -19,6 +19,7 @@ import torch
 
 from .errors import ZfnetError
 from .features import Features
+from .progress import progress_bar
 
 __all__ = [
     "CLASSIFIERS",
@@ -263,13 +264,12 @@ def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = Non
                           folds: int = 5, seed: int = 0, Cs: Sequence[float] = DEFAULT_CS, cv: int = 3,
                           engine: str = "torch", progress: bool = True) -> ProbeResult:
     """Table 7: train each classifier on each layer's features, Caltech protocol over `folds` folds."""
-    from tqdm.auto import tqdm
 
     y = _labelled(features)
     layers = list(layers or features.layers)
     splits = caltech_folds(y, per_class, max_test=max_test, folds=folds, seed=seed, classes=features.classes)
     scores: dict = {}
-    bar = tqdm(total=len(layers) * len(classifiers) * folds, desc="probes", disable=not progress, leave=False)
+    bar = progress_bar(total=len(layers) * len(classifiers) * folds, desc="probes", enabled=progress)
     try:
         for layer in layers:
             X = features.get(layer, pool)
@@ -300,7 +300,6 @@ def fewshot_curve(features: Features, layer: str, *, pool: str | None = None, cl
     sets are nested prefixes of that draw, so the curve moves only with N.
     Returns {"per_class": [...], "mean": [...], "std": [...], "folds": [[...] per N], "C": [[...]]}.
     """
-    from tqdm.auto import tqdm
 
     y = _labelled(features)
     ns = sorted({int(n) for n in per_class})
@@ -308,7 +307,7 @@ def fewshot_curve(features: Features, layer: str, *, pool: str | None = None, cl
     X = features.get(layer, pool)
     out = {"layer": layer, "pool": pool, "classifier": classifier, "per_class": ns, "mean": [], "std": [],
            "folds": [], "C": []}
-    with tqdm(total=len(ns) * folds, desc="few-shot", disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(ns) * folds, desc="few-shot", enabled=progress) as bar:
         for n in ns:
             accs, chosen = [], []
             for train, test in splits:

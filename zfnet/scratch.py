@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .data import load_image
 from .errors import ZfnetError
 from .probes import mean_class_accuracy
+from .progress import progress_bar
 
 __all__ = ["decode_small", "reinit", "scratch_baseline", "train_from_scratch"]
 
@@ -28,12 +29,11 @@ def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[tor
     Returns (images, ok mask, skipped [(path, why)]); unreadable files stay as zeros with ok False.
     """
     from PIL import Image
-    from tqdm.auto import tqdm
 
     out = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     skipped = []
-    for i, p in enumerate(tqdm(paths, desc="decode", disable=not progress, leave=False)):
+    for i, p in enumerate(progress_bar(paths, desc="decode", enabled=progress)):
         try:
             im = load_image(p)
         except ZfnetError as e:
@@ -77,7 +77,6 @@ def train_from_scratch(model: torch.nn.Module, images: torch.Tensor, labels: Seq
         images: (N, 3, S, S) uint8 from `decode_small`; training takes random crop x crop patches (default
             7/8 of S) with horizontal flips, the test the centre patch.
     """
-    from tqdm.auto import tqdm
 
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     S = images.shape[-1]
@@ -94,7 +93,7 @@ def train_from_scratch(model: torch.nn.Module, images: torch.Tensor, labels: Seq
     steps = epochs * math.ceil(len(train) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     model.train()
-    with tqdm(total=steps, desc="scratch", disable=not progress, leave=False) as bar:
+    with progress_bar(total=steps, desc="scratch", enabled=progress) as bar:
         for _ in range(epochs):
             order = torch.randperm(len(train), generator=g)
             for b in range(0, len(train), batch_size):

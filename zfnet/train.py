@@ -31,8 +31,9 @@ from .data import collate, list_images
 from .diagnose import filter_rms  # the one measure shared by clipping and the Fig. 6 diagnosis
 from .errors import ZfnetError
 from .models import TABLE3_VARIANTS, alexnet, zfnet
+from .progress import progress_bar
 from .results import write_json
-from .trainset import GlobalBatches, TrainImages, _bar, mean_image, preprocess_for, split_per_class
+from .trainset import GlobalBatches, TrainImages, mean_image, preprocess_for, split_per_class
 
 __all__ = ["TrainConfig", "build_model", "clip_filters", "filter_rms", "ten_crop_probs", "train_one_epoch",
            "evaluate", "main", "split_per_class", "TrainImages", "preprocess_for"]
@@ -231,7 +232,7 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch: int, cfg
     model.train()
     log = MetricLogger()
     clipped = 0
-    bar = _bar(len(loader), f"epoch {epoch}", progress)
+    bar = progress_bar(total=len(loader), desc=f"epoch {epoch}", enabled=progress)
     amp = scaler is not None
     for x, y, _, _errors in loader:
         if x is None:  # a batch of only unreadable files
@@ -276,7 +277,7 @@ def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, des
     Unreadable images are left out of the errors; their messages are appended to `skipped`."""
     model.eval()
     counts = torch.zeros(4, dtype=torch.float64)  # n, top1 correct, top5 correct, loss sum
-    bar = _bar(len(loader), desc, progress)
+    bar = progress_bar(total=len(loader), desc=desc, enabled=progress)
     for x, y, _, errors in loader:
         if skipped is not None:
             skipped += [msg for _, msg in errors]

@@ -11,14 +11,9 @@ import torch.nn as nn
 
 from .data import _center_crop, _resize_shorter, _to_tensor, collate, load_image, ten_crop
 from .errors import ZfnetError
+from .progress import progress_bar
 
 __all__ = ["split_per_class", "TrainImages", "GlobalBatches", "preprocess_for", "mean_image"]
-
-
-def _bar(total, desc, enabled):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -145,7 +140,7 @@ def mean_image(ds: TrainImages, d, batch_size: int, workers: int, progress: bool
                                          num_workers=0 if ds.cache is not None else workers, collate_fn=collate)
     total = torch.zeros(3, ds.resize, ds.resize, dtype=torch.float64)
     bad = torch.zeros(len(ds), dtype=torch.float64)
-    bar = _bar(len(loader), "mean image", progress)
+    bar = progress_bar(total=len(loader), desc="mean image", enabled=progress)
     n = 0
     for x, _, _, errors in loader:
         if x is not None:
