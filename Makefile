@@ -30,8 +30,10 @@ $(VENV)/.dev: $(BIN)/zfnet
 
 dev: $(VENV)/.dev
 
+# The main job: a Fig. 2 feature atlas of the shipped sample photos (all SqueezeNet feature layers).
 demo: venv
-	$(BIN)/zfnet predict --weights $(WEIGHTS)
+	$(BIN)/zfnet atlas --weights $(WEIGHTS) --out $(OUT)
+	@echo "open $(OUT)/index.html in a browser"
 
 test: dev
 	$(BIN)/python -m pytest -q
