@@ -11,9 +11,10 @@ WEIGHTS ?= $(or $(ZFNET_WEIGHTS),$(wildcard ../shared/weights/squeezenet1_1.pth)
 
 .PHONY: demo test venv dev clean
 
+# torch is pinned first: on these CPU-only machines 2.13.0 is a local wheel, while an unpinned torch pulls
+# GBs of CUDA packages; elsewhere the fallback takes any torch >= 2.4 from the index.
 $(BIN)/zfnet: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch is pinned first: on CPU-only machines 2.13.0 is a local wheel; unpinned pulls GBs of CUDA.
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q "torch>=2.4"
 	$(BIN)/pip install -q -e .
 	touch $(BIN)/zfnet
