@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ZfnetError
-from .results import atomic_path
+from .results import atomic_path, load_tensors
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest", "epoch_snapshots", "model_from_checkpoint",
            "LATEST", "SNAPSHOT"]
@@ -35,15 +35,9 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ZfnetError(f"checkpoint not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ZfnetError(f"cannot read checkpoint {p}: {str(e).splitlines()[0][:200]}") from None
+    obj = load_tensors(path, "checkpoint")
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
-        raise ZfnetError(f"{p} is not a zfnet training checkpoint (no 'model' state_dict)")
+        raise ZfnetError(f"{path} is not a zfnet training checkpoint (no 'model' state_dict)")
     return obj
 
 

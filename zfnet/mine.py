@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from torch import nn
 from .data import Batches, ImageDataset, Preprocess
 from .errors import ZfnetError
 from .layers import feature_layers, run_with_taps
-from .results import atomic_path
+from .results import atomic_path, load_tensors
 
 __all__ = ["MineResult", "init_distributed", "merge_topk", "mine"]
 
@@ -255,11 +254,7 @@ def _save_state(path: Path, fp: str, topk: _TopK, done: int, skipped: list, fini
 
 
 def _load_state(path: Path, fp: str, topk: _TopK, device) -> tuple[int, list, bool]:
-    try:
-        st = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:  # truncated / foreign
-        raise ZfnetError(f"cannot read mining state {path}: {str(e).splitlines()[0][:120]}; delete it to "
-                         f"start over") from None
+    st = load_tensors(path, "mining state")
     if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
         raise ZfnetError(f"{path} is not a zfnet mining state (version {STATE_VERSION}); delete it to start over")
     if st["fingerprint"] != fp:

@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
-__all__ = ["atomic_path", "write_json", "read_json", "save_npz", "to_jsonable"]
+from .errors import ZfnetError
+
+__all__ = ["atomic_path", "load_tensors", "write_json", "read_json", "save_npz", "to_jsonable"]
 
 
 @contextmanager
@@ -70,3 +73,15 @@ def save_npz(path: str | os.PathLike, **arrays) -> Path:
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez_compressed(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
     return Path(path)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file"):
+    """torch.load with weights_only=True (tensors and plain types only: no code runs from a file), on the
+    CPU; a missing or unreadable file is a one-line ZfnetError naming it as `what`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ZfnetError(f"{what} not found: {path}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or pickled code that weights_only refuses
+        raise ZfnetError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]}") from None

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .errors import ZfnetError
 from .models import ALEXNET_TORCHVISION_KEYS, alexnet, squeezenet1_1, zfnet
+from .results import load_tensors
 
 __all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "WEIGHTS_ENV"]
 
@@ -117,13 +118,7 @@ def _fetch(url: str, sha256: str | None) -> str:
 
 def _read_state(path: str) -> tuple[dict, dict]:
     """(state_dict, extras) from a plain state_dict or a zfnet checkpoint {"model": ..., "mean_image": ...}."""
-    p = Path(path)
-    if not p.is_file():
-        raise ZfnetError(f"weights file not found: {path}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ZfnetError(f"cannot read weights file {path}: {str(e).splitlines()[0][:200]}") from None
+    obj = load_tensors(path, "weights file")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         return obj["model"], obj
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
