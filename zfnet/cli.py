@@ -437,7 +437,7 @@ def _trained_model(args):
     from .checkpoint import model_from_checkpoint
 
     if args.weights in (None, "none", "default"):
-        raise ZfnetError("--model auto needs --weights CHECKPOINT (a zfnet train checkpoint.pth / epoch_XXX.pth)")
+        raise ZfnetError("--model auto needs --weights CHECKPOINT (a zfnet train checkpoint.pth / epoch_NNN.pth)")
     import torch
 
     return model_from_checkpoint(args.weights, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -477,7 +477,7 @@ def _diagnose(args):
 
 
 def _evolution_args(p):
-    p.add_argument("--run", dest="run_dir", required=True, help="a `zfnet train` run folder (epoch_XXX.pth snapshots)")
+    p.add_argument("--run", dest="run_dir", required=True, help="a `zfnet train` run folder (epoch_NNN.pth snapshots)")
     p.add_argument("--data", required=True, help="image folder searched for each unit's strongest activation")
     p.add_argument("--out", required=True, help="result folder (result.json, evolution_<layer>.png)")
     p.add_argument("--epochs", default=None, help="comma-separated epochs (default: 8 spread over the run)")

@@ -66,7 +66,7 @@ def evolution(run: str | Path, data, out: str | Path | None = None, *, epochs: l
     """Fig. 4 from the per-epoch snapshots of a `zfnet train` run.
 
     Args:
-        run: the run folder (epoch_XXX.pth snapshots).
+        run: the run folder (epoch_NNN.pth snapshots).
         data: image folder searched for each unit's strongest activation (the same images every epoch).
         epochs: which epochs (default: 8 spread over the run, see pick_epochs).
         layers: rectified conv layers (default: all of the model's).
@@ -80,7 +80,7 @@ def evolution(run: str | Path, data, out: str | Path | None = None, *, epochs: l
 
     snaps = epoch_snapshots(run)
     if not snaps:
-        raise ZfnetError(f"no epoch_XXX.pth snapshots in {run} (train with --snapshots yes)")
+        raise ZfnetError(f"no epoch_NNN.pth snapshots in {run} (train with --snapshots yes)")
     epochs = list(epochs) if epochs else pick_epochs(list(snaps))
     missing = [e for e in epochs if e not in snaps]
     if missing:

@@ -74,8 +74,8 @@ class TrainConfig:
     clip_radius: float = 0.1  # Sec. 3 feature scale clipping: conv filters with RMS > radius renormalized
     #                           to it after every step; 0 = off (the Fig. 6 / Table 3 ablation)
     # machinery
-    out: str = "runs/zfnet"  # run folder: checkpoint.pth, epoch_XXX.pth, metrics.json
-    snapshots: bool = True  # keep a model-only epoch_XXX.pth every epoch (Fig. 4 reads them)
+    out: str = "runs/zfnet"  # run folder: checkpoint.pth, epoch_NNN.pth, metrics.json
+    snapshots: bool = True  # keep a model-only epoch_NNN.pth every epoch (Fig. 4 reads them)
     seed: int = 0
     device: str | None = None  # default: cuda if available (LOCAL_RANK picks the GPU under torchrun)
     amp: bool = True  # CUDA only: float16 autocast + gradient scaling
