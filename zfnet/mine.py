@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .data import Batches, ImageDataset, Preprocess
+from .distributed import init_distributed as _init_distributed
 from .errors import ZfnetError
 from .layers import feature_layers, run_with_taps
 from .results import atomic_path, load_tensors
@@ -193,18 +194,10 @@ class _TopK:
 
 # ----------------------------------------------------------------------------------------------------
 def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:
-    """(rank, world): join the torchrun process group if the environment names one (gloo on CPU, NCCL on
-    CUDA); (0, 1) when not distributed."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-            return 0, 1
-        cuda = torch.device(device).type == "cuda" if device is not None else False
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    """(rank, world) of this process under torchrun (zfnet.distributed); (0, 1) when not distributed.
+    The backend follows the model's device: NCCL for CUDA, gloo for CPU."""
+    d, _ = _init_distributed(str(device) if device is not None else "cpu")
+    return d.rank, d.world
 
 
 def _gather(topk: _TopK, skipped: list, done: int, layers: list[str], k: int):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .data import collate, list_images
 from .diagnose import filter_rms  # the one measure shared by clipping and the Fig. 6 diagnosis
+from .distributed import Dist, init_distributed
 from .errors import ZfnetError
 from .models import TABLE3_VARIANTS, alexnet, zfnet
 from .progress import progress_bar
@@ -167,43 +167,6 @@ def clip_filters(model: nn.Module, radius: float = 0.1) -> int:
     return n
 
 
-# ----------------------------------------------------------------------------------------------------
-# Distributed (torchrun) plumbing
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"  # where collectives run (NCCL reduces only CUDA tensors)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            x = t.to(self.device)
-            dist.all_reduce(x)
-            return x.to(t.device)
-        return t
-
-
-def init_distributed(device_hint: str | None) -> tuple[Dist, torch.device]:
-    """From torchrun's environment variables; a plain process is rank 0 of 1."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
-        dev = torch.device(device_hint or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Dist(), dev
-    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    use_cuda = torch.cuda.is_available() and (device_hint is None or device_hint.startswith("cuda"))
-    if use_cuda:
-        dev = torch.device("cuda", d.local_rank)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    d.device = str(dev)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return d, dev
 
 
 # ----------------------------------------------------------------------------------------------------

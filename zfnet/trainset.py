@@ -132,7 +132,7 @@ def preprocess_for(model: nn.Module, crop: str = "center"):
 def mean_image(ds: TrainImages, d, batch_size: int, workers: int, progress: bool):
     """Sec. 3: the per-pixel mean (3, R, R) over the training set; also finds unreadable files.
 
-    `d` (zfnet.train.Dist) shards the pass over torchrun processes and sums their shares."""
+    `d` (zfnet.distributed.Dist) shards the pass over torchrun processes and sums their shares."""
     ds.mean_image, mode = None, ds.mode
     ds.mode = "none"
     idx = list(range(d.rank, len(ds), d.world))
