@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from .errors import ZfnetError
 
 __all__ = ["Field", "LayerInfo", "LayerTable", "layer_table", "taps", "run_with_taps", "Unit",
-           "parse_unit", "feature_layers"]
+           "parse_unit", "feature_layers", "file_safe"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -409,6 +409,11 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, names: Iterable[str], *, st
 
 # ----------------------------------------------------------------------------------------------------
 # Unit addresses.
+def file_safe(text: str) -> str:
+    """A file name for any layer or unit name (module names may hold characters a file system refuses)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
 _UNIT = re.compile(r"^(?P<layer>[^:@\s]+):(?P<channel>\d+)(?:@(?P<y>\d+),(?P<x>\d+))?$")
 
 
@@ -427,9 +432,9 @@ class Unit:
 
     @property
     def slug(self) -> str:
-        """A file- and URL-safe form: conv5_17 or conv5_17_y3_x4."""
+        """A file- and URL-safe form: conv5_17 or conv5_17_y3_x4 (used by every file a unit gets)."""
         at = f"_y{self.y}_x{self.x}" if self.y is not None else ""
-        return f"{self.layer}_{self.channel}{at}"
+        return file_safe(f"{self.layer}_{self.channel}{at}")
 
     def check(self, table: LayerTable) -> "Unit":
         """Validate against a layer table; errors name the valid layers or the channel range."""

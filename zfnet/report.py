@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from html import escape
 from importlib import resources
 from pathlib import Path
 from urllib.parse import quote
 
 from .errors import ZfnetError
+from .layers import Unit, file_safe
 from .results import atomic_path, read_json
 
 __all__ = ["write_site", "check_result", "safe_name", "unit_files"]
@@ -25,14 +25,12 @@ __all__ = ["write_site", "check_result", "safe_name", "unit_files"]
 SCHEMA = 1
 
 
-def safe_name(text: str) -> str:
-    """A file name for any layer/unit name (module names may hold characters a file system refuses)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+safe_name = file_safe  # layer pages are named like unit files
 
 
 def unit_files(layer: str, channel: int) -> dict[str, str]:
     """Paths (relative to the result folder) of one unit's page and pictures."""
-    slug = safe_name(f"{layer}_{channel}")
+    slug = Unit(layer, channel).slug
     return {"page": f"units/{slug}.html", "proj": f"units/{slug}_proj.png", "patch": f"units/{slug}_patch.png"}
 
 
