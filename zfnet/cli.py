@@ -51,6 +51,18 @@ def emit_json(obj):
     sys.stdout.write(json.dumps(obj, indent=1) + "\n")
 
 
+def write_result(args, out, result: dict, **config) -> bool:
+    """Record the command's exact config (model, weights, inputs) in the result, write out/result.json
+    atomically, and with --json print it. Returns True when the caller should print its text summary."""
+    from .results import write_json
+
+    result["config"].update(model=args.model, weights=args.weights, **config)
+    write_json(out / "result.json", result)
+    if args.json:
+        emit_json(result)
+    return not args.json
+
+
 def report_skipped(skipped):
     """At the end of a batch job: say which files were skipped and why (stderr, one line each)."""
     for _path, why in skipped:  # `why` already names the file
@@ -138,24 +150,19 @@ def _occlude(args):
     from pathlib import Path
 
     from .occlusion import occlusion, render_occlusion
-    from .results import save_npz, write_json
+    from .results import save_npz
 
     model = load_from_args(args)
     r = occlusion(model, args.image, label=args.label, size=args.size, stride=args.stride, fill=args.fill,
                   layer=args.layer, method=args.method, batch_size=args.batch_size, progress=not args.json)
     out = Path(args.out)
-    result = r.to_json()
-    result["config"].update(model=args.model, weights=args.weights, image=args.image)
     arrays = dict(prob=r.prob, argmax_label=r.argmax_label, activity=r.activity,
                   pixel_attribution=r.pixel_attribution())
     if r.projection is not None:
         arrays["projection"] = r.projection
     save_npz(out / "maps.npz", **arrays)
     render_occlusion(r, out / "occlusion.png")
-    write_json(out / "result.json", result)
-    if args.json:
-        emit_json(result)
-    else:
+    if write_result(args, out, r.to_json(), image=args.image):
         print(f"{r.file}: p({r.label_name})={r.clean_prob:.3f} unoccluded, min {r.prob.min():.3f} occluded; "
               f"tracked {r.feature_map}; wrote {out}/result.json, occlusion.png, maps.npz")
     return 0
@@ -242,7 +249,6 @@ def _invariance(args):
     from pathlib import Path
 
     from .invariance import invariance, render_invariance
-    from .results import write_json
 
     model = load_from_args(args)
     sweeps = {k: _floats(getattr(args, k)) for k in ("translate", "scale", "rotate")}
@@ -250,14 +256,10 @@ def _invariance(args):
                    batch_size=args.batch_size, progress=not args.json)
     out = Path(args.out)
     result = r.to_json()
-    result["config"].update(model=args.model, weights=args.weights, images=args.images)
     if r.files:
         render_invariance(r, out / "invariance.png")
         render_invariance(r, out / "invariance_raw.png", normalized=False)
-    write_json(out / "result.json", result)
-    if args.json:
-        emit_json(result)
-    else:
+    if write_result(args, out, result, images=args.images):
         for k in r.sweeps:
             for name in r.layers:
                 d = r.normalized[k][name]
@@ -291,21 +293,16 @@ def _correspond(args):
 
     from .correspondence import correspondence, render_correspondence
     from .data import Preprocess
-    from .results import atomic_path, write_json
+    from .results import atomic_path
 
     model = load_from_args(args)
     r = correspondence(model, args.parts, images_root=args.images_root, layers=args.layers, parts=args.part,
                        size=args.size, random_draws=args.draws, seed=args.seed)
     out = Path(args.out)
-    result = r.to_json()
-    result["config"].update(model=args.model, weights=args.weights)
     render_correspondence(r, out / "masks.png", Preprocess.for_model(model))
     with atomic_path(out / "table1.md") as tmp:
         Path(tmp).write_text(r.markdown() + "\n", encoding="utf-8")
-    write_json(out / "result.json", result)
-    if args.json:
-        emit_json(result)
-    else:
+    if write_result(args, out, r.to_json()):
         print(r.format())
         print(f"wrote {out}/result.json, table1.md, masks.png")
     report_skipped(r.skipped)
