@@ -63,6 +63,11 @@ def write_result(args, out, result: dict, **config) -> bool:
     return not args.json
 
 
+def _csv(text, cast=str) -> list:
+    """"a, b,c" -> [cast("a"), cast("b"), cast("c")] (empty items dropped)."""
+    return [cast(t.strip()) for t in str(text).split(",") if t.strip()]
+
+
 def report_skipped(skipped):
     """At the end of a batch job: say which files were skipped and why (stderr, one line each)."""
     for _path, why in skipped:  # `why` already names the file
@@ -196,7 +201,7 @@ def _atlas(args):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
         torch.cuda.set_device(args.device)
     model = load_from_args(args)
-    layers = [s.strip() for s in args.layers.split(",") if s.strip()] if args.layers else None
+    layers = _csv(args.layers) if args.layers else None
     data = args.data or str(sample_dir())
     res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
                 progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
@@ -224,7 +229,7 @@ def _floats(text):
                 raise ValueError
             n = int(round((b - a) / step))
             return [round(a + i * step, 6) for i in range(n + 1)]
-        return [float(v) for v in text.split(",") if v.strip()]
+        return _csv(text, float)
     except ValueError:
         raise ZfnetError(f"bad sweep {text!r}: use START:STOP:STEP (step > 0) or V1,V2,...") from None
 
@@ -307,10 +312,6 @@ def _correspond(args):
         print(f"wrote {out}/result.json, table1.md, masks.png")
     report_skipped(r.skipped)
     return 0
-
-
-def _csv(text, cast=str):
-    return [cast(t) for t in str(text).split(",") if t.strip()]
 
 
 def _probe_common_args(p):
@@ -490,8 +491,8 @@ def _evolution_args(p):
 def _evolution(args):
     from .evolution import evolution
 
-    ints = [int(v) for v in args.epochs.split(",")] if args.epochs else None
-    layers = [v for v in args.layers.split(",") if v] if args.layers else None
+    ints = _csv(args.epochs, int) if args.epochs else None
+    layers = _csv(args.layers) if args.layers else None
     ev = evolution(args.run_dir, args.data, args.out, epochs=ints, layers=layers, units=args.units,
                    max_images=args.max_images, batch_size=args.batch_size, device=args.device,
                    progress=not args.json)
@@ -515,7 +516,7 @@ def _ablate(args):
     from .ablate import ablate, format_table
     from .train import config_from_args
 
-    variants = [v for v in args.variants.split(",") if v] if args.variants else None
+    variants = _csv(args.variants) if args.variants else None
     result = ablate(config_from_args(args), variants)
     print(format_table(result["variants"]))
     return 0
