@@ -9,7 +9,7 @@ import torch
 from .data import Batches, ImageDataset, Preprocess, list_images
 from .weights import model_meta
 
-__all__ = ["Prediction", "PredictResult", "predict", "topk_accuracy"]
+__all__ = ["Prediction", "PredictResult", "predict", "ten_crop_probs", "topk_accuracy"]
 
 
 @dataclass
@@ -28,6 +28,12 @@ class PredictResult:
 
     def to_json(self) -> list[dict]:
         return [p.to_json() for p in self.predictions]
+
+
+def ten_crop_probs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, 10, C, H, W) -> (N, classes): the softmax averaged over the 10 crops (Sec. 3 / Table 2)."""
+    n, k = x.shape[:2]
+    return model(x.flatten(0, 1)).float().softmax(-1).view(n, k, -1).mean(1)
 
 
 @torch.no_grad()
@@ -49,10 +55,7 @@ def predict(model: torch.nn.Module, inputs, *, k: int = 5, batch_size: int = 32,
     out = []
     for x, _, idx in batches:
         x = x.to(device)
-        if crop == "ten":  # (B, 10, C, H, W): average the softmax over the crops
-            probs = model(x.flatten(0, 1)).softmax(-1).view(x.shape[0], 10, -1).mean(1)
-        else:
-            probs = model(x).softmax(-1)
+        probs = ten_crop_probs(model, x) if crop == "ten" else model(x).softmax(-1)
         p, i = probs.topk(min(k, probs.shape[-1]), dim=-1)
         for row, (pp, ii) in enumerate(zip(p.tolist(), i.tolist())):
             out.append(Prediction(str(paths[int(idx[row])]), [

@@ -31,6 +31,7 @@ from .diagnose import filter_rms  # the one measure shared by clipping and the F
 from .distributed import Dist, init_distributed
 from .errors import ZfnetError
 from .models import TABLE3_VARIANTS, alexnet, zfnet
+from .predict import ten_crop_probs
 from .progress import progress_bar
 from .results import write_json
 from .trainset import GlobalBatches, TrainImages, mean_image, preprocess_for, split_per_class
@@ -224,12 +225,6 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch: int, cfg
     return {"train_loss": log.avg("loss") if log.counts else math.nan,
             "train_top1_err": 100.0 * (1 - log.avg("acc1")) if log.counts else math.nan,
             "clipped_filters": clipped}
-
-
-def ten_crop_probs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(N, 10, C, H, W) -> (N, classes): the softmax averaged over the 10 crops (Sec. 3 / Table 2)."""
-    n, k = x.shape[:2]
-    return model(x.flatten(0, 1)).float().softmax(-1).view(n, k, -1).mean(1)
 
 
 @torch.no_grad()
