@@ -75,7 +75,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     repeat = args.repeat or 1
-    settings = [(32, 16)] if args.quick else [(32, 16), (64, 16), (16, 16)]
+    settings = [(32, 16)] if args.quick else [(32, 16), (48, 16), (64, 16), (16, 16)]  # 48/16: `zfnet occlude` default
     headline = settings[0]
     torch.manual_seed(0)
     weights = str(SQUEEZENET_WEIGHTS) if SQUEEZENET_WEIGHTS.exists() else None

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from conftest import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.data import Preprocess, load_image
@@ -166,21 +167,119 @@ class _ResNetLike(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layer1(self.stem(x))), 1))
 
 
-def test_incremental_equals_naive_resnet_like():
-    """Any chain of blocks works: BatchNorm, residual sums, padded max-pool, functional flatten."""
-    from zfnet.occlusion import _chain
+def _kinds(model, x, track=None):
+    from zfnet.incremental import Incremental
 
+    engine = Incremental.build(model, x, track)
+    assert engine is not None, "the engine declined a model it should follow"
+    return {n.fx.target if n.fx.op == "call_module" else n.fx.name: n.kind for n in engine.nodes}
+
+
+def _same_as_naive(m, x, size, stride, track=None, rtol=1e-5):
+    rows = occluder_boxes(x.shape[-2], size, stride)
+    cols = occluder_boxes(x.shape[-1], size, stride)
+    boxes = [(a, b, c, d) for a, b in rows for c, d in cols]
+    o1, s1 = occluded_outputs(m, x, boxes, track=track, batch_size=16)
+    o2, s2 = occluded_outputs(m, x, boxes, track=track, method="naive", batch_size=16)
+    assert torch.allclose(o1, o2, rtol=rtol, atol=rtol * o2.abs().max().item())
+    if track is not None:
+        assert torch.allclose(s1, s2, rtol=rtol, atol=rtol * s2.abs().max().item())
+    assert (o2 != o2[0]).any()  # not trivially constant
+
+
+def test_incremental_equals_naive_resnet_like():
+    """A graph, not a chain: BatchNorm, residual sums, strided shortcut, padded max-pool, global average,
+    functional flatten; the tracked layer is a block (its output is the residual sum's ReLU)."""
     torch.manual_seed(0)
     m = _ResNetLike().eval()
     for mod in m.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.normal_()
             mod.running_var.uniform_(0.5, 2)
-    assert [s.name for s in _chain(m)][4:6] == ["layer1.0", "layer1.1"]  # blocks are stages
     x = torch.randn(1, 3, 64, 64)
-    rows = occluder_boxes(64, 13, 9)
-    boxes = [(a, b, c, d) for a, b in rows for c, d in rows]
-    o1, s1 = occluded_outputs(m, x, boxes, track="layer1.0")
-    o2, s2 = occluded_outputs(m, x, boxes, track="layer1.0", method="naive")
-    assert torch.allclose(o1, o2, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(s1, s2, rtol=1e-5, atol=1e-5 * s2.abs().max().item())
+    kinds = _kinds(m, x, "layer1.0")
+    assert kinds["stem.3"] == kinds["layer1.0.c1"] == kinds["layer1.1.down.0"] == "window"
+    assert kinds["add"] == kinds["layer1.0.b1"] == "point"
+    assert kinds["pool"] == "mean" and kinds["fc"] == "global"
+    _same_as_naive(m, x, 13, 9, track="layer1.0")
+
+
+class _Geometry(nn.Module):
+    """Every padding case of the exact crops: 'same' and asymmetric padding, dilation, ceil-mode and
+    padded max-pool, average pool counting its zero padding, a non-square stride, grouped conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, (3, 5), stride=(1, 2), padding=(2, 1))
+        self.b = nn.Conv2d(6, 6, 4, padding="same", dilation=2, groups=3)
+        self.p = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.q = nn.MaxPool2d(3, 2, padding=1, dilation=1)
+        self.r = nn.AvgPool2d(3, 1, padding=1)
+        self.fc = nn.Linear(6 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = torch.tanh(self.a(x))
+        x = self.q(self.p(self.b(x) + x))  # pools see negative values: their padding must be -inf
+        x = self.r(x - 0.5)
+        return self.fc(F.adaptive_avg_pool2d(x, 3).flatten(1))
+
+
+@pytest.mark.parametrize("threshold", [0.85, 2.0])  # 2.0: never fall back to full maps, crops everywhere
+def test_exact_crops_every_padding_case(threshold, monkeypatch):
+    monkeypatch.setattr("zfnet.incremental.THRESHOLD", threshold)
+    torch.manual_seed(0)
+    m = _Geometry().double().eval()
+    x = torch.randn(1, 3, 45, 53, dtype=torch.float64)
+    kinds = _kinds(m, x)
+    assert {kinds[k] for k in "abpqr"} == {"window"}
+    _same_as_naive(m, x, 7, 5, track="p", rtol=1e-10)  # p: ceil-mode pooling of negative values
+
+
+class _Opaque(nn.Module):
+    """Python control flow on values: torch.fx cannot trace it, so it stays one opaque module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-1] > 1 and bool(x.abs().sum() >= 0):
+            x = self.conv(x)
+        return torch.relu(x)
+
+
+@pytest.mark.parametrize("threshold", [0.85, 2.0])
+def test_opaque_blocks_are_cropped_on_their_stride_grid(threshold, monkeypatch):
+    monkeypatch.setattr("zfnet.incremental.THRESHOLD", threshold)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, 2), _Opaque(), nn.MaxPool2d(2), _Opaque(), nn.Flatten(),
+                      nn.LazyLinear(3)).double()
+    x = torch.randn(1, 3, 41, 41, dtype=torch.float64)
+    m(x)
+    kinds = _kinds(m, x)
+    assert kinds["1"] == kinds["3"] == "box" and kinds["2"] == "window"
+    _same_as_naive(m, x, 6, 5, rtol=1e-10)
+
+
+class _Aliased(nn.Module):
+    """An in-place ReLU on a tensor another op reads afterwards: the engine must not guess."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = torch.relu_(y)
+        return (z + y).mean((2, 3))
+
+
+def test_engine_declines_what_it_cannot_follow():
+    from zfnet.incremental import Incremental
+
+    torch.manual_seed(0)
+    m = _Aliased()
+    x = torch.randn(1, 3, 16, 16)
+    assert Incremental.build(RegionNet(), x) is not None  # slicing runs on full maps, but is followed
+    assert Incremental.build(m, x) is None
+    _same_as_naive(m, x, 4, 4)  # falls back to full forward passes

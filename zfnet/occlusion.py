@@ -5,13 +5,9 @@ conv layer's strongest feature map, (d) the probability of the correct class and
 class; (c) is that feature map's deconvnet projection on the unoccluded image.
 
 Speed (the idea of Krypton, Nakandala et al., SIGMOD 2019): an occluder changes only the units whose
-receptive field it touches. The network is split into a chain of stages (by torch.fx; our models, any
-nn.Sequential, SqueezeNet, ResNet-like nets). The clean activations are computed once; for each stage
-and occluder position only the affected output window is recomputed, from a crop of the (clean +
-changed) stage input that holds exactly that window's dependencies, with the crop origin on the stage's
-stride grid so the arithmetic is the full computation's. Windows of many positions are batched. From
-the first stage that mixes all positions (flatten, linear, global pooling) on, the rest of the network
-runs on full maps. Results equal naive recomputation (and Captum's Occlusion) to float rounding.
+receptive field it touches, so zfnet.incremental recomputes only those, node by node of the model's
+graph, for batches of positions. Results equal naive recomputation (and Captum's Occlusion) to float
+rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ZfnetError
-from .layers import Field, Unit, feature_layers, layer_table, run_with_taps, taps
+from .incremental import Incremental
+from .layers import Unit, feature_layers, layer_table, run_with_taps, taps
 from .progress import progress_bar
 
 __all__ = ["OcclusionResult", "occlusion", "occluder_boxes", "occluded_outputs", "pixel_attribution",
@@ -45,267 +42,73 @@ def occluder_boxes(n: int, size: int, stride: int) -> list[tuple[int, int]]:
     return [(i * stride, min(n, i * stride + size)) for i in range(steps)]
 
 
-# ----------------------------------------------------------------------------------------------------
-# The network as a chain of stages, each with its local geometry (kernel, stride, padding per axis).
-@dataclass
-class _Stage:
-    name: str
-    fn: object  # tensor -> tensor
-    geom: tuple | None = None  # ((k_y, s_y, p_y), (k_x, s_x, p_x)); None = mixes all positions
-
-
-class _Tracer(torch.fx.Tracer):
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m, qualname):
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def _chain(model: nn.Module) -> list[_Stage] | None:
-    """The model as a chain of single-input stages, or None when its graph is not a chain."""
-    # Blocks inside a Sequential (SqueezeNet's Fire, ResNet's blocks) are stages of their own.
-    leaves = {f"{name}.{c}" if name else c for name, m in model.named_modules()
-              if isinstance(m, nn.Sequential) for c, _ in m.named_children()}
-    try:
-        graph = _Tracer(leaves).trace(model)
-    except Exception:
-        return None
-    nodes = list(graph.nodes)
-    if not nodes or nodes[0].op != "placeholder" or sum(n.op == "placeholder" for n in nodes) != 1:
-        return None
-    stages, prev, used = [], nodes[0], set()
-    for node in nodes[1:]:
-        if node.op == "output":
-            return stages if node.args[0] is prev else None
-        inputs = node.all_input_nodes
-        if inputs != [prev] or len(prev.users) != 1 or node.op == "get_attr":
-            return None
-        sub = lambda a, node=node: torch.fx.node.map_arg(a, lambda _: _Ref.value)  # noqa: E731
-        if node.op == "call_module":
-            if node.target in used:  # a module called twice: the layer table keeps only its first call
-                return None
-            used.add(node.target)
-            mod = model.get_submodule(node.target)
-            fn = _bind(lambda t, a, k, mod=mod: mod(*a, **k), node, sub)
-        elif node.op == "call_function":
-            fn = _bind(lambda t, a, k, f=node.target: f(*a, **k), node, sub)
-        elif node.op == "call_method":
-            fn = _bind(lambda t, a, k, meth=node.target: getattr(a[0], meth)(*a[1:], **k), node, sub)
-        else:
-            return None
-        stages.append(_Stage(node.target if node.op == "call_module" else node.name, fn))
-        prev = node
-    return None
-
-
-class _Ref:
-    value = None  # the tensor substituted for the single input node while a stage runs
-
-
-def _bind(call, node, sub):
-    def fn(t):
-        _Ref.value = t
-        try:
-            return call(t, sub(node.args), sub(node.kwargs))
-        finally:
-            _Ref.value = None
-    return fn
-
-
-def _local_geometry(fin: Field, fout: Field) -> tuple | None:
-    """(k, s, p) per axis of a stage mapping field fin to fout, or None if not a plain sliding window."""
-    out = []
-    for jin, jout, zin, zout, sin, sout in ((fin.jump_y, fout.jump_y, fin.size_y, fout.size_y, fin.start_y,
-                                             fout.start_y), (fin.jump_x, fout.jump_x, fin.size_x, fout.size_x,
-                                                             fin.start_x, fout.start_x)):
-        if jout % jin or (zout - zin) % jin or (sin - sout) % jin:
-            return None
-        k, s, p = (zout - zin) // jin + 1, jout // jin, (sin - sout) // jin
-        if k < 1 or s < 1 or p < 0:
-            return None
-        out.append((k, s, p))
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------------
-class _Incremental:
-    """Clean activations of one image, and the exact outputs for batches of occluder boxes."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, stages: list[_Stage], track: str | None):
-        table = layer_table(model, tuple(x.shape[-2:]), x.shape[1])
-        self.stages, self.track = stages, track
-        self.acts = [x]  # acts[m] = clean input of stage m; acts[-1] = model output
-        fin = Field(1, 1, 1, 1, 0, 0)
-        local = True
-        with torch.no_grad():
-            a = x
-            for st in stages:
-                out = st.fn(a.clone())  # clone: an in-place ReLU must not overwrite a stored activation
-                if local:
-                    fout = None
-                    if st.name in table and out.dim() == 4:
-                        fout = table[st.name].field
-                    elif out.dim() == 4 and a.dim() == 4 and out.shape[-2:] == a.shape[-2:]:
-                        fout = fin  # an elementwise function (F.relu, ...) keeps the field
-                    st.geom = _local_geometry(fin, fout) if fout else None
-                    local = st.geom is not None
-                    fin = fout
-                self.acts.append(out)
-                a = out
-        self.n_local = sum(st.geom is not None for st in stages)
-        names = [st.name for st in stages]
-        self.track_at = names.index(track) + 1 if track in names else None  # index into acts
-
-        # Clean maps pixel-major, (H*W, C): a crop with windows pasted in is then one row gather.
-        self.flat = [a[0].permute(1, 2, 0).reshape(-1, a.shape[1]) if a.dim() == 4 else None
-                     for a in self.acts[:self.n_local + 1]]
-
-    def run(self, boxes: list[tuple[int, int, int, int]], fill: float):
-        """Model outputs (B, K) and per-channel totals of the tracked layer (B, C) for occluder boxes."""
-        x = self.acts[0]
-        dev = x.device
-        B = len(boxes)
-        # The changed window of the current activation per position: its top-left (wy, wx), extent
-        # (wh, ww), and values in win (B, nh, nw, C), channels last (torch's fast layout for small convs).
-        b = torch.tensor(boxes, dtype=torch.long, device=dev).view(B, 4)
-        wy, wx, wh, ww = b[:, 0], b[:, 2], b[:, 1] - b[:, 0], b[:, 3] - b[:, 2]
-        win = torch.full((B, int(wh.max()), int(ww.max()), x.shape[1]), fill, dtype=x.dtype, device=dev)
-        sums, m = None, 0
-        while m < self.n_local and not self._too_big(m, wh, ww):
-            win, wy, wx, wh, ww = self._stage(m, win, wy, wx, wh, ww)
-            m += 1
-            if self.track_at == m:
-                sums = self._window_sums(m, win, wy, wx)
-        # From here every position needs (almost) the whole map: paste the windows, run on full maps.
-        H, W = self.acts[m].shape[-2:]
-        zero = torch.zeros(B, dtype=torch.long, device=dev)
-        a = self._gather(m, win, wy, wx, wh, ww, zero, zero, H, W)
-        for j in range(m, len(self.stages)):
-            a = self.stages[j].fn(a)
-            if self.track_at == j + 1:
-                sums = a.flatten(2).sum(-1) if a.dim() > 2 else a
-        return a, sums
-
-    def _gather(self, m, win, wy, wx, wh, ww, r0, c0, h, w, sel=None, src=None):
-        """(B, C, h, w) channels-last crops at (r0, c0) of stage m's clean input with each window pasted.
-
-        sel: which positions of win (default all); src: cat(clean rows, window rows), reusable per stage.
-        """
-        clean = self.flat[m]
-        C = clean.shape[1]
-        W = self.acts[m].shape[-1]
-        nh, nw = win.shape[1:3]
-        sel = torch.arange(len(win), device=clean.device) if sel is None else sel
-        if src is None:
-            src = torch.cat([clean, win.reshape(-1, C)])
-        wy, wx, wh, ww = wy[sel], wx[sel], wh[sel], ww[sel]
-        ar = torch.arange(max(h, w), device=clean.device)
-        gy, gx = r0[:, None] + ar[:h], c0[:, None] + ar[:w]  # (B, h), (B, w) map rows / cols
-        ly, lx = gy - wy[:, None], gx - wx[:, None]  # the same inside each window
-        inside = (((ly >= 0) & (ly < wh[:, None]))[:, :, None]) & (((lx >= 0) & (lx < ww[:, None]))[:, None, :])
-        widx = clean.shape[0] + (sel[:, None, None] * nh + ly.clamp(0, nh - 1)[:, :, None]) * nw \
-            + lx.clamp(0, nw - 1)[:, None, :]
-        idx = torch.where(inside, widx, gy[:, :, None] * W + gx[:, None, :])
-        return src[idx.reshape(-1)].view(len(sel), h, w, C).permute(0, 3, 1, 2)
-
-    def _too_big(self, m, wh, ww) -> bool:
-        """Windows so large that cropping costs more than recomputing full maps."""
-        (ky, _, _), (kx, _, _) = self.stages[m].geom
-        H, W = self.acts[m].shape[-2:]
-        return (int(wh.max()) + ky - 1) * (int(ww.max()) + kx - 1) >= 0.6 * H * W
-
-    def _window_sums(self, j, win, wy, wx):
-        """Per-channel totals of layer j: clean total - clean window + new window."""
-        B, nh, nw, C = win.shape
-        W = self.acts[j].shape[-1]
-        ar_h, ar_w = torch.arange(nh, device=win.device), torch.arange(nw, device=win.device)
-        idx = (wy[:, None] + ar_h)[:, :, None] * W + (wx[:, None] + ar_w)[:, None, :]
-        clean_win = self.flat[j][idx.reshape(-1)].view(B, nh * nw, C).sum(1)
-        return self.flat[j].sum(0) - clean_win + win.sum((1, 2))
-
-    def _stage(self, m, win, wy, wx, wh, ww):
-        st, a_out = self.stages[m], self.acts[m + 1]
-        (ky, sy, py), (kx, sx, px) = st.geom
-        if st.geom == ((1, 1, 0), (1, 1, 0)) and bool((wh == win.shape[1]).all() and (ww == win.shape[2]).all()):
-            # elementwise: the changed window maps to itself
-            return st.fn(win.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), wy, wx, wh, ww
-        Hin, Win = self.acts[m].shape[-2:]
-        Hout, Wout = a_out.shape[-2:]
-
-        def affected(a, n, k, s, p, size):  # output units whose window [u*s-p, u*s-p+k) meets [a, a+n)
-            return (-((k - 1 - a - p) // s)).clamp(min=0), ((a + n - 1 + p) // s + 1).clamp(max=size)
-
-        u0, u1 = affected(wy, wh, ky, sy, py, Hout)
-        v0, v1 = affected(wx, ww, kx, sx, px, Wout)
-        nh, nw = max(1, int((u1 - u0).max())), max(1, int((v1 - v0).max()))
-        u0, v0 = u0.clamp(max=Hout - nh), v0.clamp(max=Wout - nw)  # same-size windows batch together
-        r0, r1 = self._crop(u0, nh, ky, sy, py, Hin)
-        c0, c1 = self._crop(v0, nw, kx, sx, px, Win)
-        oy, ox = u0 - r0 // sy, v0 - c0 // sx  # the window's place in the crop's output
-        key = torch.stack([r1 - r0, c1 - c0, oy, ox], 1)
-        out = torch.empty(len(win), nh, nw, a_out.shape[1], dtype=a_out.dtype, device=a_out.device)
-        keys, group = torch.unique(key, dim=0, return_inverse=True)
-        src = torch.cat([self.flat[m], win.reshape(-1, win.shape[-1])])  # once per stage, not per group
-        for g, (h, w, gy, gx) in enumerate(keys.tolist()):
-            idx = (group == g).nonzero()[:, 0]
-            crops = self._gather(m, win, wy, wx, wh, ww, r0[idx], c0[idx], h, w, sel=idx, src=src)
-            out[idx] = st.fn(crops)[:, :, gy:gy + nh, gx:gx + nw].permute(0, 2, 3, 1)
-        full = torch.ones_like(u0)
-        return out, u0, v0, full * nh, full * nw
-
-    @staticmethod
-    def _crop(u0, n, k, s, p, size):
-        """Input rows [r0, r1) holding the dependencies of output units [u0, u0+n), r0 on the stride grid."""
-        start = u0 * s - p
-        r0 = torch.where(start <= 0, torch.zeros_like(start), (start // s) * s)
-        return r0, ((u0 + n - 1) * s - p + k).clamp(max=size)
-
-
 def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, fill: float = 0.0, track: str | None = None,
                      method: str = "incremental", batch_size: int = 64, progress: bool = False):
     """Model outputs for the image x (1, C, H, W) with each box (y0, y1, x0, x1) filled with `fill`.
 
     Returns (outputs (P, K), track_sums (P, C) or None): per-channel total activation of layer `track`.
-    method: "incremental" (exact, recomputes only what each occluder changes; falls back to naive when
-    the model is not a chain of stages) or "naive" (full forward pass per position).
+    method: "incremental" (exact, recomputes only what each occluder changes; falls back to naive where
+    the model's graph cannot be followed, see zfnet.incremental) or "naive" (full forward pass per position).
     """
-
     if method not in ("incremental", "naive"):
         raise ZfnetError(f"unknown occlusion method {method!r}; use 'incremental' or 'naive'")
     boxes = list(boxes)
-    engine = None
-    if method == "incremental":
-        stages = _chain(model)
-        if stages is not None:
-            with torch.no_grad():
-                engine = _Incremental(model, x, stages, track)
-            if track is not None and engine.track_at is None:
-                engine = None  # the tracked layer lives inside a stage: only hooks can read it
-    outs, sums = [], []
+    engine = Incremental.build(model, x, track) if method == "incremental" else None
+    if engine is not None:
+        ext = engine.extents(torch.tensor(boxes, dtype=torch.long, device=x.device).view(-1, 4)).tolist()
+        batches = _batches(ext, batch_size)
+    else:
+        batches = [list(range(b, min(b + batch_size, len(boxes)))) for b in range(0, len(boxes), batch_size)]
+    outs, sums = [None] * len(boxes), [None] * len(boxes)
     bar = progress_bar(total=len(boxes), desc="occlusion", unit="pos", enabled=progress)
     with torch.no_grad():
-        for b in range(0, len(boxes), batch_size):
-            chunk = boxes[b:b + batch_size]
+        for chunk in batches:
             if engine is not None:
-                o, s = engine.run(chunk, fill)
+                o, s = engine.run([boxes[i] for i in chunk], fill)
             else:
-                xb = x.expand(len(chunk), *x.shape[1:]).clone()
-                for i, (y0, y1, x0, x1) in enumerate(chunk):
-                    xb[i, :, y0:y1, x0:x1] = fill
-                if track is None:
-                    o, s = model(xb), None
-                else:
-                    with taps(model, [track], reduce=lambda n, t: t.flatten(2).sum(-1) if t.dim() > 2 else t) as t:
-                        o = model(xb)
-                    s = t[track]
-            outs.append(o.reshape(len(chunk), -1))
-            if s is not None:
-                sums.append(s)
+                o, s = _naive(model, x, [boxes[i] for i in chunk], fill, track)
+            for k, i in enumerate(chunk):
+                outs[i] = o[k]
+                if s is not None:
+                    sums[i] = s[k]
             bar.update(len(chunk))
     bar.close()
-    return torch.cat(outs), (torch.cat(sums) if sums else None)
+    return torch.stack(outs), (torch.stack(sums) if track is not None else None)
+
+
+def _batches(extents: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Positions grouped so that each batch pads its windows little: a batch computes every position at
+    the largest window extent in it. Rows and columns are binned separately into k quantile bins of the
+    extents (k^2 cells of about batch_size positions); a cell is cut into batches of batch_size."""
+    import collections
+
+    k = max(1, math.ceil(math.sqrt(len(extents) / batch_size)))
+
+    def bins(values):
+        count = collections.Counter(values)
+        out, seen = {}, 0
+        for v in sorted(count):
+            out[v] = min(k - 1, seen * k // len(values))
+            seen += count[v]
+        return out
+
+    by, bx = bins([e[0] for e in extents]), bins([e[1] for e in extents])
+    cells = collections.defaultdict(list)
+    for i, (ey, ex) in enumerate(extents):
+        cells[by[ey], bx[ex]].append(i)
+    return [cell[s:s + batch_size] for _, cell in sorted(cells.items()) for s in range(0, len(cell), batch_size)]
+
+
+def _naive(model, x, boxes, fill, track):
+    """A full forward pass per occluder position."""
+    xb = x.expand(len(boxes), *x.shape[1:]).clone()
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        xb[i, :, y0:y1, x0:x1] = fill
+    if track is None:
+        return model(xb).reshape(len(boxes), -1), None
+    with taps(model, [track], reduce=lambda n, t: t.flatten(2).sum(-1) if t.dim() > 2 else t) as t:
+        o = model(xb)
+    return o.reshape(len(boxes), -1), t[track]
 
 
 # ----------------------------------------------------------------------------------------------------
