@@ -77,7 +77,7 @@ class Incremental:
         self.model, self.x = model, x
         table = layer_table(model, tuple(x.shape[-2:]), x.shape[1])
         # channels last, the layout the batches run in (and much faster for pooling on CPU)
-        env = {nodes[0]: x.contiguous(memory_format=torch.channels_last)}
+        env = {nodes[0]: x.clone(memory_format=torch.channels_last)}
         fields, index = {nodes[0]: Field(1, 1, 1, 1, 0, 0)}, {}
         self.nodes: list[_Node] = []
         self.clean: list[torch.Tensor] = []
@@ -102,7 +102,7 @@ class Incremental:
         if self.output is None:
             raise Unsupported
         with torch.no_grad():
-            ref = model(x)
+            ref = model(x.clone(memory_format=torch.channels_last))  # the model itself, same layout
         got = self.clean[self.output]
         if not isinstance(ref, torch.Tensor) or got.shape != ref.shape or not torch.allclose(
                 got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())):
