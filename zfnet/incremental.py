@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .layers import Field, layer_table, run_with_taps
+from .fields import Field
+from .layers import layer_table, run_with_taps
 from .locality import Unsupported, call, classify, maybe_inplace, trace
 
 __all__ = ["Incremental"]

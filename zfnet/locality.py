@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Field
+from .fields import Field, pair
 
 __all__ = ["Unsupported", "trace", "classify", "call", "maybe_inplace"]
 
@@ -51,10 +51,6 @@ def trace(model: nn.Module) -> fx.Graph | None:
     return None
 
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def _window_op(mod: nn.Module):
     """(axes, op on an exact crop, pad value) for the sliding-window modules we can run unpadded."""
     if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
@@ -68,14 +64,14 @@ def _window_op(mod: nn.Module):
         return (tuple(zip(keff, s, p)),
                 lambda t: F.conv2d(t, mod.weight, mod.bias, mod.stride, 0, mod.dilation, mod.groups), 0.0)
     if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
-        k, d, p = _pair(mod.kernel_size), _pair(mod.dilation), _pair(mod.padding)
-        s = _pair(mod.stride or mod.kernel_size)
+        k, d, p = pair(mod.kernel_size), pair(mod.dilation), pair(mod.padding)
+        s = pair(mod.stride or mod.kernel_size)
         keff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
         # ceil_mode only adds output units whose window runs past the end: -inf there is the same
         return (tuple(zip(keff, s, p)), lambda t: F.max_pool2d(t, k, s, 0, d), float("-inf"))
     if isinstance(mod, nn.AvgPool2d) and not mod.ceil_mode and (mod.count_include_pad or mod.padding in (0, (0, 0))):
-        k, p = _pair(mod.kernel_size), _pair(mod.padding)
-        s = _pair(mod.stride or mod.kernel_size)
+        k, p = pair(mod.kernel_size), pair(mod.padding)
+        s = pair(mod.stride or mod.kernel_size)
         return (tuple(zip(k, s, p)),
                 lambda t: F.avg_pool2d(t, k, s, 0, False, True, mod.divisor_override), 0.0)
     return None
@@ -179,15 +175,14 @@ def maybe_inplace(model, node) -> bool:
 
 
 def _global_mean(model, node, x, value) -> bool:
-    """Average over all positions of a map (global average pooling, x.mean((2, 3)))."""
+    """Average over all positions of a map (global average pooling, x.mean((2, 3))): one value per map."""
     if not (isinstance(x, torch.Tensor) and x.dim() == 4 and isinstance(value, torch.Tensor)
             and value.numel() == x.shape[0] * x.shape[1]):
         return False
     if node.op == "call_module":
-        mod = model.get_submodule(node.target)
-        return isinstance(mod, nn.AdaptiveAvgPool2d) and _pair(mod.output_size) == (1, 1)
+        return isinstance(model.get_submodule(node.target), nn.AdaptiveAvgPool2d)
     if node.target is F.adaptive_avg_pool2d:
-        return _pair(node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")) == (1, 1)
+        return True
     if node.target in (torch.mean, "mean"):
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         return isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
