@@ -3,19 +3,19 @@ Table 3)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .cli import add_model_args, command, csv_list, emit_json, load_from_args, report_skipped
 from .errors import ZfnetError
 
 
 def _train_args(p):
-    from .train import add_config_args
-
     add_config_args(p)
 
 
 @command("train", "train ZFNet / AlexNet / a Table 3 variant with the paper's recipe (torchrun-ready)")(_train_args)
 def _train(args):
-    from .train import config_from_args, main
+    from .train import main
 
     result = main(config_from_args(args))
     return 0 if result["epochs"] else 1
@@ -98,8 +98,6 @@ def _evolution(args):
 
 
 def _ablate_args(p):
-    from .train import add_config_args
-
     p.add_argument("--variants", default=None, help="comma-separated Table 3 variants (default: all)")
     add_config_args(p, skip=("model",))
 
@@ -107,9 +105,48 @@ def _ablate_args(p):
 @command("ablate", "Table 3: ZFNet variants (layers removed / resized) trained with the same recipe")(_ablate_args)
 def _ablate(args):
     from .ablate import ablate, format_table
-    from .train import config_from_args
 
     variants = csv_list(args.variants) if args.variants else None
     result = ablate(config_from_args(args), variants)
     print(format_table(result["variants"]))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command-line options, generated from TrainConfig so the two never disagree.
+def add_config_args(p, skip: tuple = ()) -> None:
+    from .train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        opt = "--" + f.name.replace("_", "-")
+        default = f.default
+        if f.type in ("bool", bool):
+            p.add_argument(opt, type=_bool, default=default, metavar="yes|no", help=f"(default: {default})")
+        elif f.name == "widths":
+            p.add_argument(opt, type=_ints, default=None, metavar="C1,C2,C3,C4,C5",
+                           help="conv1..conv5 widths (default: 96,256,384,384,256)")
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            p.add_argument(opt, type=kind, default=default, help=f"(default: {default})")
+
+
+def config_from_args(args, **override):
+    from .train import TrainConfig
+
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    kw.update(override)
+    return TrainConfig(**kw)
+
+
+def _bool(s: str) -> bool:
+    if s.lower() in ("1", "yes", "true", "on"):
+        return True
+    if s.lower() in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(s)
+
+
+def _ints(s: str) -> tuple:
+    return tuple(int(v) for v in s.split(","))

@@ -428,39 +428,3 @@ def _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, h
                 scaler=scaler.state_dict() if scaler is not None else {}, metrics=history,
                 rng=_rng_state(), skipped_train=list(bad))
     ckpt.save_checkpoint(full, out / ckpt.LATEST)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command-line options, generated from TrainConfig so the two never disagree.
-def add_config_args(p, skip: tuple = ()) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
-            continue
-        opt = "--" + f.name.replace("_", "-")
-        default = f.default
-        if f.type in ("bool", bool):
-            p.add_argument(opt, type=_bool, default=default, metavar="yes|no", help=f"(default: {default})")
-        elif f.name == "widths":
-            p.add_argument(opt, type=_ints, default=None, metavar="C1,C2,C3,C4,C5",
-                           help="conv1..conv5 widths (default: 96,256,384,384,256)")
-        else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            p.add_argument(opt, type=kind, default=default, help=f"(default: {default})")
-
-
-def config_from_args(args, **override) -> TrainConfig:
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    kw.update(override)
-    return TrainConfig(**kw)
-
-
-def _bool(s: str) -> bool:
-    if s.lower() in ("1", "yes", "true", "on"):
-        return True
-    if s.lower() in ("0", "no", "false", "off"):
-        return False
-    raise ValueError(s)
-
-
-def _ints(s: str) -> tuple:
-    return tuple(int(v) for v in s.split(","))
