@@ -154,6 +154,7 @@ def test_engine_declines_what_it_cannot_follow():
     x = torch.randn(1, 3, 16, 16)
     assert Incremental.build(_Region(), x) is not None  # slicing runs on full maps, but is followed
     assert Incremental.build(m, x) is None
+    assert Incremental.build(_ResNetLike().train(), torch.randn(1, 3, 64, 64)) is None  # batch statistics
     _same_as_naive(m, x, 4, 4)  # falls back to full forward passes
 
 

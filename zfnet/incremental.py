@@ -62,6 +62,9 @@ class Incremental:
     @classmethod
     def build(cls, model: nn.Module, x: torch.Tensor, track: str | None = None) -> "Incremental | None":
         """The engine for image x (1, C, H, W), or None where the model's graph cannot be followed."""
+        if any(m.training and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+               for m in model.modules()):
+            return None  # batch statistics and dropout masks tie each position to the rest of its batch
         graph = trace(model)
         if graph is None:
             return None

@@ -117,9 +117,8 @@ def classify(model: nn.Module, node: fx.Node, env: dict, deps: list, fields: dic
         win = _window_op(mod)
         if win is not None:
             kind, extra = "window", dict(axes=win[0], op=win[1], pad=win[2])
-        elif isinstance(mod, _POINT_MODULES) and value.shape[-2:] == clean_in[0].shape[-2:] \
-                and not (mod.training and isinstance(mod, (nn.BatchNorm2d, nn.Dropout, nn.Dropout2d))):
-            kind = "point"
+        elif isinstance(mod, _POINT_MODULES) and value.shape[-2:] == clean_in[0].shape[-2:]:
+            kind = "point"  # (BatchNorm and dropout in eval mode: Incremental.build declines training mode)
         elif node.target in table and table[node.target].field is not None and field_in[0] is not None:
             axes = _local_geometry(field_in[0], table[node.target].field)
             if axes is not None:
