@@ -78,6 +78,29 @@ def test_incremental_equals_naive_resnet_like():
     _same_as_naive(m, x, 13, 9, track="layer1.0")
 
 
+class _InplaceBlock(nn.Module):
+    """torchvision's residual style: `out += identity` and an in-place ReLU, the input read twice."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.c2(self.relu(self.c1(x)))
+        out += x
+        return self.relu(out)
+
+
+def test_in_place_residual_sums():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _InplaceBlock(4), _InplaceBlock(4), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten()).double().eval()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    assert _kinds(m, x)["add"] == "point"  # fx records `out += x` as an add
+    _same_as_naive(m, x, 5, 4, track="1", rtol=1e-10)
+
+
 class _Geometry(nn.Module):
     """Every padding case of the exact crops: 'same' and asymmetric padding, dilation, ceil-mode and
     padded max-pool, average pool counting its zero padding, a non-square stride, grouped conv."""
@@ -133,6 +156,25 @@ def test_opaque_blocks_are_cropped_on_their_stride_grid(threshold, monkeypatch):
     kinds = _kinds(m, x)
     assert kinds["1"] == kinds["3"] == "box" and kinds["2"] == "window"
     _same_as_naive(m, x, 6, 5, rtol=1e-10)
+
+
+class _Twice(nn.Module):
+    """One opaque module called twice: the layer table knows its first call only."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(_Opaque())
+
+    def forward(self, x):
+        return self.blocks[0](self.blocks[0](x)).mean((2, 3))
+
+
+def test_opaque_module_called_twice_runs_on_full_maps():
+    torch.manual_seed(0)
+    m = _Twice().double()
+    x = torch.randn(1, 4, 24, 24, dtype=torch.float64)
+    assert _kinds(m, x)["blocks.0"] == "global"
+    _same_as_naive(m, x, 5, 4, rtol=1e-10)
 
 
 class _Aliased(nn.Module):

@@ -239,9 +239,17 @@ class Incremental:
         H, W = self.clean[self.index[n.fx]].shape[-2:]
         nh, nw = int((y1 - y0).max()), int((x1 - x0).max())
         y0, x0 = y0.clamp(max=H - nh), x0.clamp(max=W - nw)
-        crops = [s[1].permute(0, 3, 1, 2) if s[1].shape[1:3] == (nh, nw) and bool((s[2] == y0).all())
-                 and bool((s[3] == x0).all()) else self._gather(j, s, y0, x0, nh, nw) for j, s in zip(n.inputs, ins)]
+        crops = [self._on_window(j, s, y0, x0, nh, nw) for j, s in zip(n.inputs, ins)]
         return "win", self._call(n, crops).permute(0, 2, 3, 1), y0, x0
+
+    def _on_window(self, j, s, y0, x0, nh, nw):
+        """Node j's values on the window at (y0, x0) of nh x nw: its own window when it is that one (a copy
+        if other nodes read it too: `x += y` writes into x), else gathered."""
+        _, win, wy, wx = s
+        if win.shape[1:3] == (nh, nw) and bool((wy == y0).all()) and bool((wx == x0).all()):
+            t = win.permute(0, 3, 1, 2)
+            return t.clone() if self._shared(j) else t
+        return self._gather(j, s, y0, x0, nh, nw)
 
     def _window(self, i, n, s):
         _, win, wy, wx = s

@@ -29,6 +29,7 @@ _POINT_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.ge
 _POINT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_", "sub", "div", "clamp",
                   "clamp_min", "contiguous"}
 
+
 class _Tracer(fx.Tracer):
     def __init__(self, leaves: frozenset[str] = frozenset()):
         super().__init__()
@@ -119,7 +120,9 @@ def classify(model: nn.Module, node: fx.Node, env: dict, deps: list, fields: dic
             kind, extra = "window", dict(axes=win[0], op=win[1], pad=win[2])
         elif isinstance(mod, _POINT_MODULES) and value.shape[-2:] == clean_in[0].shape[-2:]:
             kind = "point"  # (BatchNorm and dropout in eval mode: Incremental.build declines training mode)
-        elif node.target in table and table[node.target].field is not None and field_in[0] is not None:
+        elif node.target in table and table[node.target].field is not None and field_in[0] is not None \
+                and sum(n.op == "call_module" and n.target == node.target for n in node.graph.nodes) == 1:
+            # (the layer table knows a module's first call only)
             axes = _local_geometry(field_in[0], table[node.target].field)
             if axes is not None:
                 kind, extra = "box", dict(axes=axes)
