@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .fields import Field
-from .layers import layer_table, run_with_taps
+from .layers import layer_table, taps
 from .locality import Unsupported, call, classify, maybe_inplace, trace
 
 __all__ = ["Incremental"]
@@ -105,7 +105,7 @@ class Incremental:
             self.clean.append(env[node])
         if self.output is None:
             raise Unsupported
-        with torch.no_grad():
+        with torch.no_grad(), taps(model, [track] if track is not None else []) as tapped:
             ref = model(x.clone(memory_format=torch.channels_last))  # the model itself, same layout
         got = self.clean[self.output]
         if not isinstance(ref, torch.Tensor) or got.shape != ref.shape or not torch.allclose(
@@ -132,18 +132,18 @@ class Incremental:
                 buf[HW], buf[HW + 1] = 0.0, float("-inf")
                 self._buf[j] = buf
         self._tables = {}  # summed-area tables of clean maps, for window totals
-        self.track_at = self._find_track(model, track) if track is not None else None
+        self.track_at = self._find_track(track, tapped[track]) if track is not None else None
 
     # ------------------------------------------------------------------------------------------------
-    def _find_track(self, model, track):
-        """The node whose value is module `track`'s output (checked against a hook on the clean image)."""
+    def _find_track(self, track, ref):
+        """The node whose value is module `track`'s output (ref: that output, from a hook, on the clean
+        image)."""
         hits = [i for i, n in enumerate(self.nodes)
                 if (n.fx.op == "call_module" and n.fx.target == track)
                 or track in [v[0] for v in n.fx.meta.get("nn_module_stack", {}).values()]]
         if not hits:
             raise Unsupported
         i = hits[-1]
-        ref = run_with_taps(model, self.x, [track])[track]
         got = self.clean[i]
         if not isinstance(got, torch.Tensor) or got.shape != ref.shape or not torch.allclose(
                 got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())):
