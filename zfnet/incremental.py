@@ -303,7 +303,7 @@ class Incremental:
 
     def _gather(self, j, s, r0, c0, h, w, pad=0.0, sel=None):
         """(B, C, h, w) channels-last crops at rows r0.., cols c0.. of node j's map: its clean values, each
-        position's window pasted in, `pad` outside the map. sel: the positions (default all)."""
+        position's window pasted in, `pad` (0 or -inf) outside the map. sel: the positions (default all)."""
         _, win, wy, wx = s
         clean = self._flat(j)
         HW, C = clean.shape
