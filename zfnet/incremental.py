@@ -44,11 +44,21 @@ THRESHOLD = 0.85  # a window covering this much of its map is cheaper computed o
 class _Node:
     fx: fx.Node
     kind: str  # "point" | "window" | "box" | "mean" | "global" | "meta"
-    inputs: list[int]  # positions (in Incremental.nodes) of the input-dependent nodes it reads
+    inputs: list[int]  # positions (in Incremental.nodes) of the input-dependent nodes it reads; -1: the image
+    deps: list  # the same nodes, as fx nodes (the arguments a batch substitutes)
     axes: tuple | None = None  # window / box: ((k, s, p) rows, (k, s, p) cols); k counts dilation
     op: object = None  # window: the op on an exact, unpadded crop
     pad: float = 0.0  # window: value of the input outside the map
     many_users: bool = False  # its value is read by several nodes: consumers must not modify it in place
+
+
+def _union(wins):
+    """Per position, the smallest window (top, left, height, width) holding all of `wins` (same form)."""
+    y0 = torch.stack([w[0] for w in wins]).min(0).values
+    x0 = torch.stack([w[1] for w in wins]).min(0).values
+    y1 = torch.stack([w[0] + w[2] for w in wins]).max(0).values
+    x1 = torch.stack([w[1] + w[3] for w in wins]).max(0).values
+    return y0, x0, y1 - y0, x1 - x0
 
 
 def _affected(a, n, k, s, p, size):
@@ -101,7 +111,8 @@ class Incremental:
                 continue  # a constant: its clean value serves every position
             kind, extra = classify(model, node, env, deps, fields, table)
             index[node] = len(self.nodes)
-            self.nodes.append(_Node(node, kind, [-1 if d.op == "placeholder" else index[d] for d in deps], **extra))
+            self.nodes.append(_Node(node, kind, [-1 if d.op == "placeholder" else index[d] for d in deps], deps,
+                                    **extra))
             self.clean.append(env[node])
         if self.output is None:
             raise Unsupported
@@ -111,8 +122,7 @@ class Incremental:
         if not isinstance(ref, torch.Tensor) or got.shape != ref.shape or not torch.allclose(
                 got, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max())):
             raise Unsupported  # e.g. an in-place op on a tensor another op reads later
-        self.env = env  # clean values of every node (constants included)
-        self.index = index
+        self.constants = {k: v for k, v in env.items() if k not in index and k is not nodes[0]}
         for n in self.nodes:
             n.many_users = sum(u in index for u in n.fx.users) > 1
         self.input_many_users = sum(u in index for u in nodes[0].users) > 1
@@ -161,11 +171,7 @@ class Incremental:
             if n.kind in ("global", "meta", "mean") or any(w is None for w in wins):
                 continue
             if n.kind == "point":
-                y0 = torch.stack([w[0] for w in wins]).min(0).values
-                x0 = torch.stack([w[1] for w in wins]).min(0).values
-                y1 = torch.stack([w[0] + w[2] for w in wins]).max(0).values
-                x1 = torch.stack([w[1] + w[3] for w in wins]).max(0).values
-                state[i] = (y0, x0, y1 - y0, x1 - x0)
+                state[i] = _union(wins)
             else:
                 wy, wx, wh, ww = wins[0]
                 (ky, sy, py), (kx, sx, px) = n.axes
@@ -217,39 +223,29 @@ class Incremental:
             native = n.kind == "global"  # ops we do not model see the model's own memory layout
             return "full", self._call(n, [self._full(j, s, self._shared(j), native) for j, s in zip(n.inputs, ins)])
         if n.kind == "point":
-            return self._point(n, ins)
+            return self._point(i, n, ins)
         return self._window(i, n, ins[0])
 
     def _shared(self, j):
         return self.input_many_users if j < 0 else self.nodes[j].many_users
 
-    def _point(self, n, ins):
+    def _point(self, i, n, ins):
         if len(ins) == 1:
             _, win, wy, wx = ins[0]
-            t = win.permute(0, 3, 1, 2)
-            if self._shared(n.inputs[0]):
-                t = t.clone()
-            return "win", self._call(n, [t]).permute(0, 2, 3, 1), wy, wx
+            return "win", self._call(n, [self._own(n.inputs[0], win)]).permute(0, 2, 3, 1), wy, wx
         # Several maps on one grid (add, cat): the union of their windows, gathered from each.
-        wys = torch.stack([s[2] for s in ins])
-        wxs = torch.stack([s[3] for s in ins])
-        y1 = torch.stack([s[2] + s[1].shape[1] for s in ins]).max(0).values
-        x1 = torch.stack([s[3] + s[1].shape[2] for s in ins]).max(0).values
-        y0, x0 = wys.min(0).values, wxs.min(0).values
-        H, W = self.clean[self.index[n.fx]].shape[-2:]
-        nh, nw = int((y1 - y0).max()), int((x1 - x0).max())
+        y0, x0, h, w = _union([(s[2], s[3], s[1].shape[1], s[1].shape[2]) for s in ins])
+        H, W = self.clean[i].shape[-2:]
+        nh, nw = int(h.max()), int(w.max())
         y0, x0 = y0.clamp(max=H - nh), x0.clamp(max=W - nw)
-        crops = [self._on_window(j, s, y0, x0, nh, nw) for j, s in zip(n.inputs, ins)]
+        crops = [self._own(j, s[1]) if s[1].shape[1:3] == (nh, nw) and bool((s[2] == y0).all())
+                 and bool((s[3] == x0).all()) else self._gather(j, s, y0, x0, nh, nw) for j, s in zip(n.inputs, ins)]
         return "win", self._call(n, crops).permute(0, 2, 3, 1), y0, x0
 
-    def _on_window(self, j, s, y0, x0, nh, nw):
-        """Node j's values on the window at (y0, x0) of nh x nw: its own window when it is that one (a copy
-        if other nodes read it too: `x += y` writes into x), else gathered."""
-        _, win, wy, wx = s
-        if win.shape[1:3] == (nh, nw) and bool((wy == y0).all()) and bool((wx == x0).all()):
-            t = win.permute(0, 3, 1, 2)
-            return t.clone() if self._shared(j) else t
-        return self._gather(j, s, y0, x0, nh, nw)
+    def _own(self, j, win):
+        """Node j's window as the op's input: a copy when other nodes read it too (`x += y` writes into x)."""
+        t = win.permute(0, 3, 1, 2)
+        return t.clone() if self._shared(j) else t
 
     def _window(self, i, n, s):
         _, win, wy, wx = s
@@ -267,9 +263,9 @@ class Incremental:
         if n.kind == "window":  # an exact crop, padded by hand, through the op without padding
             crop = self._gather(j, s, u0 * sy - py, v0 * sx - px, (nh - 1) * sy + ky, (nw - 1) * sx + kx, n.pad)
             return "win", n.op(crop).permute(0, 2, 3, 1), u0, v0
-        return "win", self._box(j, n, s, u0, v0, nh, nw), u0, v0
+        return "win", self._box(i, j, n, s, u0, v0, nh, nw), u0, v0
 
-    def _box(self, j, n, s, u0, v0, nh, nw):
+    def _box(self, i, j, n, s, u0, v0, nh, nw):
         """A module we know only by its geometry, run padded (as the model runs it) on crops that start on
         its stride grid, so the window's units see exactly what they see in the full map."""
         (ky, sy, py), (kx, sx, px) = n.axes
@@ -284,12 +280,12 @@ class Incremental:
         c0, c1 = crop(v0, nw, kx, sx, px, Win)
         oy, ox = u0 - r0 // sy, v0 - c0 // sx  # the window's place in the crop's output
         key = torch.stack([r1 - r0, c1 - c0, oy, ox], 1)
-        C = self.clean[self.index[n.fx]].shape[1]
-        out = torch.empty(len(u0), nh, nw, C, dtype=self.x.dtype, device=self.x.device)
+        out = torch.empty(len(u0), nh, nw, self.clean[i].shape[1], dtype=self.x.dtype, device=self.x.device)
         keys, group = torch.unique(key, dim=0, return_inverse=True)
+        src = self._source(j, s[1])  # once, not per group
         for g, (h, w, gy, gx) in enumerate(keys.tolist()):
             sel = (group == g).nonzero()[:, 0]
-            t = self._gather(j, s, r0[sel], c0[sel], h, w, sel=sel)
+            t = self._gather(j, s, r0[sel], c0[sel], h, w, sel=sel, src=src)
             out[sel] = self._call(n, [t])[:, :, gy:gy + nh, gx:gx + nw].permute(0, 2, 3, 1)
         return out
 
@@ -301,16 +297,17 @@ class Incremental:
         H, W = self._shape(j)[-2:]
         return self._buf[j][:H * W]
 
-    def _gather(self, j, s, r0, c0, h, w, pad=0.0, sel=None):
+    def _gather(self, j, s, r0, c0, h, w, pad=0.0, sel=None, src=None):
         """(B, C, h, w) channels-last crops at rows r0.., cols c0.. of node j's map: its clean values, each
-        position's window pasted in, `pad` (0 or -inf) outside the map. sel: the positions (default all)."""
+        position's window pasted in, `pad` (0 or -inf) outside the map. sel: the positions (default all);
+        src: node j's buffer with this batch's windows already in (see _source)."""
         _, win, wy, wx = s
         clean = self._flat(j)
         HW, C = clean.shape
         H, W = self._shape(j)[-2:]
         B, nh, nw = win.shape[:3]
         sel = torch.arange(B, device=clean.device) if sel is None else sel
-        src = self._source(j, win)
+        src = self._source(j, win) if src is None else src
         ar = torch.arange(max(h, w), device=clean.device)
         gy, gx = r0[:, None] + ar[:h], c0[:, None] + ar[:w]  # (B, h), (B, w) map rows / cols
         ly, lx = gy - wy[sel, None], gx - wx[sel, None]  # the same inside each window
@@ -367,9 +364,9 @@ class Incremental:
 
     def _call(self, n, values):
         """Run node n's own op with its input-dependent arguments replaced by `values`."""
-        sub = dict(zip([d for d in n.fx.all_input_nodes if d in self.index or d.op == "placeholder"], values))
-        args = fx.node.map_arg(n.fx.args, lambda a: sub[a] if a in sub else self.env[a])
-        kwargs = fx.node.map_arg(n.fx.kwargs, lambda a: sub[a] if a in sub else self.env[a])
+        sub = dict(zip(n.deps, values))
+        args = fx.node.map_arg(n.fx.args, lambda a: sub[a] if a in sub else self.constants[a])
+        kwargs = fx.node.map_arg(n.fx.kwargs, lambda a: sub[a] if a in sub else self.constants[a])
         return call(self.model, n.fx, args, kwargs)
 
 

@@ -128,7 +128,7 @@ def classify(model: nn.Module, node: fx.Node, env: dict, deps: list, fields: dic
                 kind, extra = "box", dict(axes=axes)
     elif value.dim() == 4 and maps and node.op in ("call_function", "call_method"):
         known = node.target in _POINT_FUNCTIONS if node.op == "call_function" else node.target in _POINT_METHODS
-        others = [a for a in _flat_args(node, env) if not (isinstance(a, fx.Node) and a in deps)]
+        others = [a for a in _flat_args(node) if not (isinstance(a, fx.Node) and a in deps)]
         same_grid = all(t.shape[-2:] == value.shape[-2:] for t in clean_in)
         cat_ok = node.target is not torch.cat or _cat_dim(node) in (1, -3)
         if known and same_grid and cat_ok and all(_no_spatial_extent(env[a] if isinstance(a, fx.Node) else a)
@@ -191,7 +191,7 @@ def _global_mean(model, node, x, value) -> bool:
     return False
 
 
-def _flat_args(node, env):
+def _flat_args(node):
     out = []
     fx.node.map_aggregate((node.args, node.kwargs), lambda a: out.append(a) or a)
     return out

@@ -12,6 +12,7 @@ rounding.
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,6 @@ def _batches(extents: list[list[int]], batch_size: int) -> list[list[int]]:
     """Positions grouped so that each batch pads its windows little: a batch computes every position at
     the largest window extent in it. Rows and columns are binned separately into k quantile bins of the
     extents (k^2 cells of about batch_size positions); a cell is cut into batches of batch_size."""
-    import collections
-
     k = max(1, math.ceil(math.sqrt(len(extents) / batch_size)))
 
     def bins(values):
