@@ -18,7 +18,6 @@ are complete.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import time
@@ -31,11 +30,13 @@ from PIL import Image
 from torch import nn
 
 from .data import ImageDataset, Preprocess
+from .distributed import init_distributed
 from .errors import ZfnetError
-from .layers import feature_layers, layer_table
-from .mine import MineResult, init_distributed, mine
+from .layers import Unit, feature_layers, layer_table
+from .mine import MineResult, mine
+from .progress import progress_bar
 from .render import grid, image_to_rgb, save_png, signed_to_rgb
-from .report import safe_name, unit_files
+from .report import layer_files, unit_files
 from .results import read_json, save_npz, write_json
 
 __all__ = ["AtlasResult", "atlas"]
@@ -83,42 +84,35 @@ def _unit_grid(tiles: list[np.ndarray | None], k: int, size: tuple[int, int]) ->
 def _project_layer(model, mined: MineResult, layer: str, table, dataset: ImageDataset, out: Path, *,
                    k: int, tile: int, batch_size: int, mode: str, channels, progress: bool, device, dtype):
     """Project every (unit, top image) pair of one layer and write the unit pictures."""
-    from tqdm.auto import tqdm
-
     from .project import project
 
     info = table[layer]
     H, W = table.input_size
     f = info.field
-    d = mined.layers[layer]
-    pairs = [(int(d["image"][c, j]), c, j) for c in channels for j in range(k) if int(d["image"][c, j]) >= 0]
-    pairs.sort()  # by image: each source image is decoded about once per layer
+    # (image, channel, rank j, unit at its strongest location), by image: each image is decoded about once
+    pairs = sorted((e["index"], c, j, Unit(layer, c, e["y"], e["x"])) for c in channels
+                   for j, e in enumerate(mined.top(layer, c)))
     # Receptive-field crops pay off for small fields; for fields near the image size, clipped crops of many
     # shapes split a batch into small ones and cost more than they save (measured: 3x slower at 111/224 px).
-    crop_kw = {}
-    if "crop" in inspect.signature(project).parameters:
-        crop_kw["crop"] = f is not None and 2 * f.size_y <= H and 2 * f.size_x <= W
+    crop = f is not None and 2 * f.size_y <= H and 2 * f.size_x <= W
     proj: dict[tuple[int, int], np.ndarray] = {}
     patch: dict[tuple[int, int], np.ndarray] = {}
     cache: dict[int, torch.Tensor | None] = {}
-    # disable=None: a bar on a terminal, nothing in logs and pipes (as zfnet.data.Batches)
-    bar = tqdm(total=len(pairs), desc=f"project {layer}", unit="proj", disable=None if progress else True,
-               leave=False)
+    bar = progress_bar(total=len(pairs), desc=f"project {layer}", unit="proj", enabled=progress)
     try:
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
-            need = sorted({i for i, _, _ in chunk})
+            need = sorted({p[0] for p in chunk})
             cache = {i: cache[i] if i in cache else dataset[i][0] for i in need}  # keeps only this chunk's
-            ok = [(i, c, j) for i, c, j in chunk if cache[i] is not None]  # a file changed since mining
+            ok = [p for p in chunk if cache[p[0]] is not None]  # a file changed since mining
             if ok:
-                x = torch.stack([cache[i] for i, _, _ in ok]).to(device, dtype)
-                units = [f"{layer}:{c}@{int(d['y'][c, j])},{int(d['x'][c, j])}" for _, c, j in ok]
-                g = project(model, x, units, mode, pairs=True, batch_size=batch_size, **crop_kw).float().cpu()
+                x = torch.stack([cache[p[0]] for p in ok]).to(device, dtype)
+                g = project(model, x, [p[3] for p in ok], mode, pairs=True, batch_size=batch_size,
+                            crop=crop).float().cpu()
                 pics = dataset.transform.unnormalize(x.float().cpu()) if hasattr(dataset.transform, "unnormalize") \
                     else x.float().cpu()
-                for b, (_, c, j) in enumerate(ok):
-                    y, xx = int(d["y"][c, j]), int(d["x"][c, j])
-                    box = info.window(y, xx, (H, W))  # the exact input box the unit sees, clipped
+                for b, (_, c, j, u) in enumerate(ok):
+                    box = info.window(u.y, u.x, (H, W))  # the exact input box the unit sees, clipped
                     win = (slice(None), slice(box[0], box[1]), slice(box[2], box[3]))
                     proj[c, j] = _tile(_show_projection(g[b][win]), tile)
                     patch[c, j] = _tile(image_to_rgb(pics[b][win]), tile)
@@ -143,7 +137,7 @@ def _layer_figure(out: Path, layer: str, channels: list[int], n: int) -> str:
         a = np.asarray(Image.open(out / files["proj"]).convert("RGB"))
         b = np.asarray(Image.open(out / files["patch"]).convert("RGB"))
         blocks.append(grid([a, b], 2, pad=2, fill=255))
-    rel = f"layers/{safe_name(layer)}.png"
+    rel = layer_files(layer)["figure"]
     save_png(grid(blocks, min(4, len(blocks)), pad=8, fill=255), out / rel)
     return rel
 
@@ -185,7 +179,8 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
         dataset = ImageDataset.from_folder(data, preprocess)
     layers = list(dict.fromkeys(layers or feature_layers(model)))
     state = out / "mine-state.pt"
-    rank, world = init_distributed(next(model.parameters()).device)
+    dist_info, _ = init_distributed(str(next(model.parameters()).device))
+    rank, world = dist_info.rank, dist_info.world
     if not resume and rank == 0:
         for old in [state, *out.glob("mine-state.pt.rank*")]:
             old.unlink(missing_ok=True)

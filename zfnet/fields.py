@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["Field", "Geom", "FieldTracker", "pair"]
+__all__ = ["Field", "Geom", "FieldTracker", "arg", "pair"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,7 +57,8 @@ def pair(v) -> tuple:
     return (int(v), int(v))
 
 
-def _arg(args, kwargs, i, name, default):
+def arg(args, kwargs, i, name, default):
+    """Argument i of an intercepted torch call, positional or by keyword."""
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
@@ -130,22 +131,22 @@ class FieldTracker(TorchFunctionMode):
             geom = None  # flattened / pooled to a vector: every unit sees everything
         elif name in self._WINDOW_OPS and gx:
             if name == "conv2d":
-                w = _arg(args, kwargs, 1, "weight", None)
+                w = arg(args, kwargs, 1, "weight", None)
                 k = tuple(w.shape[-2:])
-                s = pair(_arg(args, kwargs, 3, "stride", 1))
-                pad = _arg(args, kwargs, 4, "padding", 0)
-                d = pair(_arg(args, kwargs, 5, "dilation", 1))
+                s = pair(arg(args, kwargs, 3, "stride", 1))
+                pad = arg(args, kwargs, 4, "padding", 0)
+                d = pair(arg(args, kwargs, 5, "dilation", 1))
                 if pad == "valid":
                     pad = 0
                 if pad == "same":  # PyTorch puts the odd pixel of 'same' padding at the end
                     pad = tuple((d[i] * (k[i] - 1)) // 2 for i in range(2))
                 p = pair(pad)
             else:
-                k = pair(_arg(args, kwargs, 1, "kernel_size", 1))
-                s = _arg(args, kwargs, 2, "stride", None)
+                k = pair(arg(args, kwargs, 1, "kernel_size", 1))
+                s = arg(args, kwargs, 2, "stride", None)
                 s = k if s is None or s == [] or s == () else pair(s)
-                p = pair(_arg(args, kwargs, 3, "padding", 0))
-                d = pair(_arg(args, kwargs, 4, "dilation", 1)) if "max" in name else (1, 1)
+                p = pair(arg(args, kwargs, 3, "padding", 0))
+                d = pair(arg(args, kwargs, 4, "dilation", 1)) if "max" in name else (1, 1)
             geom = Geom(gx.field.pooled(k, s, p, d) if gx.field else None,
                          _slide(gx.rows, first.shape[-2], k[0], s[0], p[0], d[0]),
                          _slide(gx.cols, first.shape[-1], k[1], s[1], p[1], d[1]))
@@ -159,7 +160,7 @@ class FieldTracker(TorchFunctionMode):
                 field = gx.field.pooled((h // oh, w // ow), (h // oh, w // ow), (0, 0))
             geom = Geom(field, _adaptive(gx.rows, oh), _adaptive(gx.cols, ow))
         elif name == "pad" and gx:
-            pads = list(_arg(args, kwargs, 1, "pad", ())) + [0, 0, 0, 0]
+            pads = list(arg(args, kwargs, 1, "pad", ())) + [0, 0, 0, 0]
             f = gx.field
             field = f and Field(f.jump_y, f.jump_x, f.size_y, f.size_x,
                                 f.start_y - pads[2] * f.jump_y, f.start_x - pads[0] * f.jump_x)

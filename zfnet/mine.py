@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from .data import Batches, ImageDataset, Preprocess
-from .distributed import init_distributed as _init_distributed
+from .distributed import Dist, init_distributed
 from .errors import ZfnetError
 from .layers import feature_layers, run_with_taps
 from .results import atomic_path, load_tensors
 
-__all__ = ["MineResult", "init_distributed", "merge_topk", "mine"]
+__all__ = ["MineResult", "merge_topk", "mine"]
 
 STATE_VERSION = 1
 _NO_IMAGE = torch.iinfo(torch.int64).max  # sorts after every real image index (internal only; -1 outside)
@@ -65,12 +65,13 @@ class MineResult:
                         "y": int(d["y"][channel, j]), "x": int(d["x"][channel, j])})
         return out
 
-    def relpath(self, i: int) -> str:
-        """Path of image i relative to the data folder (as given when there is none)."""
+    def relpath(self, i: int, root: Path | None = None) -> str:
+        """Path of image i relative to the data folder (as given when there is none). root: the data
+        folder already resolved, for callers asking for many paths."""
         p = self.paths[i]
         if self.root:
             try:
-                return Path(p).resolve().relative_to(Path(self.root).resolve()).as_posix()
+                return Path(p).resolve().relative_to(root or Path(self.root).resolve()).as_posix()
             except ValueError:
                 pass
         return p
@@ -78,10 +79,13 @@ class MineResult:
     def to_json(self) -> dict:
         """{"schema": 1, "k", "images", "skipped", "layers": {layer: {"<ch>": [{"image", "value", "y", "x"}]}}}
         with image paths relative to the data folder."""
-        layers = {}
+        layers, rel = {}, {}  # rel: image index -> relative path, each computed once
+        root = Path(self.root).resolve() if self.root else None
         for name, d in self.layers.items():
             v, im, ys, xs = (d[key].tolist() for key in ("value", "image", "y", "x"))
-            layers[name] = {str(c): [{"image": self.relpath(i), "value": val, "y": y, "x": x}
+            for i in {i for row in im for i in row if i >= 0} - rel.keys():
+                rel[i] = self.relpath(i, root)
+            layers[name] = {str(c): [{"image": rel[i], "value": val, "y": y, "x": x}
                                      for val, i, y, x in zip(v[c], im[c], ys[c], xs[c]) if i >= 0]
                             for c in range(len(v))}
         return {"schema": 1, "k": self.k, "images": self.images, "data": self.root,
@@ -193,19 +197,11 @@ class _TopK:
 
 
 # ----------------------------------------------------------------------------------------------------
-def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:
-    """(rank, world) of this process under torchrun (zfnet.distributed); (0, 1) when not distributed.
-    The backend follows the model's device: NCCL for CUDA, gloo for CPU."""
-    d, _ = _init_distributed(str(device) if device is not None else "cpu")
-    return d.rank, d.world
-
-
-def _gather(topk: _TopK, skipped: list, done: int, layers: list[str], k: int):
+def _gather(d: Dist, topk: _TopK, skipped: list, done: int, layers: list[str], k: int):
     """All-gather every rank's buffers and merge them: every rank ends with the global answer."""
     import torch.distributed as dist
 
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    world = dist.get_world_size()
+    dev, world = torch.device(d.device), d.world
     merged = {}
     for name in layers:
         v, i, lc = (t.to(dev) for t in topk.get(name))
@@ -295,7 +291,8 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
     p = next(model.parameters(), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None else torch.float32  # a float64 / half model gets inputs to match
-    rank, world = init_distributed(device)
+    d, _ = init_distributed(str(device))  # NCCL for a CUDA model, gloo for CPU
+    rank, world = d.rank, d.world
     paths = [str(q) for q in dataset.paths]
 
     topk = _TopK(k)
@@ -337,7 +334,7 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
         missing = [n for n in layers if n not in topk]
         if missing:  # an empty shard still has to take part in the collective with the right shapes
             raise ZfnetError(f"rank {rank} mined no image (fewer images than processes?)")
-        skipped, mined = _gather(topk, skipped, mined, layers, k)
+        skipped, mined = _gather(d, topk, skipped, mined, layers, k)
 
     result_layers = {}
     for name in layers:

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .fields import arg
+
 __all__ = ["MODES", "BackwardRules", "projection_state"]
 
 MODES = ("deconv", "guided", "saliency")
@@ -61,10 +63,6 @@ class _PassThrough(torch.autograd.Function):
         return g, None, None, None
 
 
-def _arg(args, kwargs, i, name, default):
-    return args[i] if len(args) > i else kwargs.get(name, default)
-
-
 class BackwardRules(TorchFunctionMode):
     """While active, every rectifier called gets the backward of `mode`; LRN is passed through if asked."""
 
@@ -78,15 +76,15 @@ class BackwardRules(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.rectify:
             if func in _RELU or func in _RELU_INPLACE:
-                inplace = func in _RELU_INPLACE or bool(_arg(args, kwargs, 1, "inplace", False))
+                inplace = func in _RELU_INPLACE or bool(arg(args, kwargs, 1, "inplace", False))
                 return _Rectify.apply(args[0], self.guided, inplace, None)
             if func in _HARDTANH:
                 if func is F.relu6:
-                    lo, hi, inplace = 0.0, 6.0, _arg(args, kwargs, 1, "inplace", False)
+                    lo, hi, inplace = 0.0, 6.0, arg(args, kwargs, 1, "inplace", False)
                 else:
-                    lo = _arg(args, kwargs, 1, "min_val", -1.0)
-                    hi = _arg(args, kwargs, 2, "max_val", 1.0)
-                    inplace = func is F.hardtanh_ or _arg(args, kwargs, 3, "inplace", False)
+                    lo = arg(args, kwargs, 1, "min_val", -1.0)
+                    hi = arg(args, kwargs, 2, "max_val", 1.0)
+                    inplace = func is F.hardtanh_ or arg(args, kwargs, 3, "inplace", False)
                 if lo == 0:  # ReLU6 and other clipped ReLUs; hardtanh(-1, 1) is not a rectifier
                     return _Rectify.apply(args[0], self.guided, bool(inplace), float(hi))
         if self.pass_norm and func is F.local_response_norm:

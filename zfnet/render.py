@@ -17,7 +17,7 @@ from PIL import Image
 
 from .results import atomic_path
 
-__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png", "heatmap_rgb"]
+__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png"]
 
 
 def _hwc(x) -> np.ndarray:
@@ -46,17 +46,6 @@ def image_to_rgb(x) -> np.ndarray:
     if a.shape[-1] == 1:
         a = np.repeat(a, 3, -1)
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def heatmap_rgb(m, cmap: str = "jet", vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """A 2-D map -> uint8 RGB through a matplotlib colormap."""
-    import matplotlib
-
-    a = np.asarray(m.detach().cpu() if isinstance(m, torch.Tensor) else m, dtype=np.float64)
-    lo = a.min() if vmin is None else vmin
-    hi = a.max() if vmax is None else vmax
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    return (matplotlib.colormaps[cmap](np.clip(a, 0, 1))[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
 def grid(tiles: Sequence[np.ndarray], ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:

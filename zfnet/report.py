@@ -20,12 +20,15 @@ from .errors import ZfnetError
 from .layers import Unit, file_safe
 from .results import atomic_path, read_json
 
-__all__ = ["write_site", "check_result", "safe_name", "unit_files"]
+__all__ = ["write_site", "check_result", "layer_files", "unit_files"]
 
 SCHEMA = 1
 
 
-safe_name = file_safe  # layer pages are named like unit files
+def layer_files(layer: str) -> dict[str, str]:
+    """Paths (relative to the result folder) of one layer's page and Fig. 2 panel."""
+    name = file_safe(layer)  # named like unit files
+    return {"page": f"layers/{name}.html", "figure": f"layers/{name}.png"}
 
 
 def unit_files(layer: str, channel: int) -> dict[str, str]:
@@ -66,7 +69,7 @@ def _page(title: str, body: str, css: str) -> str:
 
 
 def _write(path: Path, text: str):
-    with atomic_path(path, suffix=".html") as tmp:
+    with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
@@ -79,8 +82,7 @@ def write_site(out: str | os.PathLike) -> Path:
     out = Path(out)
     meta = check_result(out)
     css_src = resources.files("zfnet").joinpath("templates/atlas.css").read_text(encoding="utf-8")
-    with atomic_path(out / "style.css", suffix=".css") as tmp:
-        Path(tmp).write_text(css_src, encoding="utf-8")
+    _write(out / "style.css", css_src)
     data_root = Path(meta["data"]) if meta.get("data") else None
     layers = meta["layers"]
     table = meta.get("table", {})
@@ -95,7 +97,7 @@ def write_site(out: str | os.PathLike) -> Path:
     for name, units in layers.items():
         t = table.get(name, {})
         f = t.get("field") or {}
-        lp = f"layers/{safe_name(name)}.html"
+        lp = layer_files(name)["page"]
         rows.append(f'<tr><td><a href="{_href(out / lp, out)}">{_e(name)}</a></td><td>{_e(t.get("kind", ""))}</td>'
                     f'<td class="num">{len(units)}</td><td class="num">{_e(t.get("height", "?"))}×'
                     f'{_e(t.get("width", "?"))}</td><td class="num">{_e(f.get("jump_y", "–"))}</td>'
@@ -130,13 +132,14 @@ def write_site(out: str | os.PathLike) -> Path:
         nav = [f'<a href="{_href(out / "index.html", ldir)}">index</a>']
         if li > 0:
             prev = names[li - 1]
-            nav.append(f'<a href="{_href(ldir / (safe_name(prev) + ".html"), ldir)}">← {_e(prev)}</a>')
+            nav.append(f'<a href="{_href(out / layer_files(prev)["page"], ldir)}">← {_e(prev)}</a>')
         if li + 1 < len(names):
             nxt = names[li + 1]
-            nav.append(f'<a href="{_href(ldir / (safe_name(nxt) + ".html"), ldir)}">{_e(nxt)} →</a>')
+            nav.append(f'<a href="{_href(out / layer_files(nxt)["page"], ldir)}">{_e(nxt)} →</a>')
+        chans = list(units)
+        unit_paths = [unit_files(name, int(ch)) for ch in chans]
         cells = []
-        for ch, entries in units.items():
-            files = unit_files(name, int(ch))
+        for (ch, entries), files in zip(units.items(), unit_paths):
             top = entries[0]["value"] if entries else None
             cells.append(f'<div class="unit"><a href="{_href(out / files["page"], ldir)}">'
                          f'<img src="{_href(out / files["proj"], ldir)}" alt="projections of {_e(name)}:{_e(ch)}">'
@@ -148,20 +151,17 @@ def write_site(out: str | os.PathLike) -> Path:
         body = (f"<nav>{''.join(nav)}</nav><h1>Layer {_e(name)}</h1>{fig_html}"
                 f"<h2>All {len(units)} feature maps (projections | patches)</h2>"
                 f"<div class=\"units\">{''.join(cells)}</div>")
-        _write(ldir / f"{safe_name(name)}.html", _page(f"layer {name}", body, _href(out / "style.css", ldir)))
+        page = out / layer_files(name)["page"]
+        _write(page, _page(f"layer {name}", body, _href(out / "style.css", ldir)))
 
-        chans = list(units)
         udir = out / "units"
-        for ci, ch in enumerate(chans):
-            files = unit_files(name, int(ch))
+        for ci, (ch, files) in enumerate(zip(chans, unit_paths)):
             unav = [f'<a href="{_href(out / "index.html", udir)}">index</a>',
-                    f'<a href="{_href(ldir / (safe_name(name) + ".html"), udir)}">layer {_e(name)}</a>']
+                    f'<a href="{_href(page, udir)}">layer {_e(name)}</a>']
             if ci > 0:
-                unav.append(f'<a href="{_href(out / unit_files(name, int(chans[ci - 1]))["page"], udir)}">'
-                            f'← {_e(chans[ci - 1])}</a>')
+                unav.append(f'<a href="{_href(out / unit_paths[ci - 1]["page"], udir)}">← {_e(chans[ci - 1])}</a>')
             if ci + 1 < len(chans):
-                unav.append(f'<a href="{_href(out / unit_files(name, int(chans[ci + 1]))["page"], udir)}">'
-                            f'{_e(chans[ci + 1])} →</a>')
+                unav.append(f'<a href="{_href(out / unit_paths[ci + 1]["page"], udir)}">{_e(chans[ci + 1])} →</a>')
             trs = "".join(
                 f'<tr><td class="num">{r + 1}</td><td class="num">{_fmt(e["value"])}</td>'
                 f'<td><a href="{_href(source(e["image"]), udir)}">{_e(e["image"])}</a></td>'
