@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import ZfnetError
 from .models import TABLE3_VARIANTS
-from .results import write_json
+from .results import atomic_path, write_json
 from .train import TrainConfig, main
 
 __all__ = ["ablate", "format_table"]
@@ -36,7 +36,8 @@ def ablate(cfg: TrainConfig, variants: list[str] | None = None) -> dict:
                      "run": str(out / v)})
     result = {"schema": 1, "config": dataclasses.asdict(cfg), "variants": rows}
     write_json(out / "result.json", result)
-    (out / "table.md").write_text(format_table(rows) + "\n", encoding="utf-8")
+    with atomic_path(out / "table.md") as tmp:
+        Path(tmp).write_text(format_table(rows) + "\n", encoding="utf-8")
     return result
 
 

@@ -3,7 +3,8 @@
 A checkpoint is a dict of tensors and plain types only, so it loads without unpickling code:
   {"model": state_dict, "mean_image": (3, R, R), "categories": [...], "config": TrainConfig as dict,
    "arch": {...}, "epoch": e, "optimizer": ..., "scheduler": ..., "scaler": ..., "metrics": [...],
-   "rng": {...}}
+   "skipped_train": [...]}
+(no RNG state: every epoch seeds its own generators from (seed, epoch, rank))
 `zfnet.weights.load_model(spec, path)` reads the "model" / "mean_image" / "categories" keys of the same
 file; `model_from_checkpoint` also rebuilds a reduced-size model from its "arch" record.
 """

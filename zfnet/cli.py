@@ -38,14 +38,18 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str = "squeezenet1
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def load_from_args(args):
+def device_from_args(args) -> str:
+    """--device, else cuda when there is one."""
     import torch
 
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_from_args(args):
     from .weights import load_model
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     weights = None if args.weights in (None, "none") else args.weights
-    return load_model(args.model, weights, num_classes=args.num_classes, device=device)
+    return load_model(args.model, weights, num_classes=args.num_classes, device=device_from_args(args))
 
 
 def emit_json(obj):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .cli import add_model_args, command, csv_list, emit_json, load_from_args, report_skipped
+from .cli import add_model_args, command, csv_list, device_from_args, emit_json, load_from_args, report_skipped
 from .errors import ZfnetError
 
 
@@ -29,9 +29,7 @@ def _trained_model(args):
 
     if args.weights in (None, "none", "default"):
         raise ZfnetError("--model auto needs --weights CHECKPOINT (a zfnet train checkpoint.pth / epoch_NNN.pth)")
-    import torch
-
-    return model_from_checkpoint(args.weights, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model_from_checkpoint(args.weights, device_from_args(args))
 
 
 def _diagnose_args(p):
@@ -132,12 +130,11 @@ def add_config_args(p, skip: tuple = ()) -> None:
             p.add_argument(opt, type=kind, default=default, help=f"(default: {default})")
 
 
-def config_from_args(args, **override):
+def config_from_args(args):
     from .train import TrainConfig
 
-    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    kw.update(override)
-    return TrainConfig(**kw)
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                          if hasattr(args, f.name)})
 
 
 def _bool(s: str) -> bool:

@@ -248,6 +248,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def spread(self, n: int | None, transform: Preprocess | None = None) -> "ImageDataset":
+        """At most n of the images, evenly spaced over the dataset, unlabelled (itself when n is None or it
+        has no more than n); transform: the subset's preprocessing (default: this dataset's)."""
+        if not n or len(self) <= n:
+            return self
+        keep = np.linspace(0, len(self) - 1, n).round().astype(int).tolist()
+        return ImageDataset([self.paths[i] for i in keep], None, transform or self.transform)
+
     def __getitem__(self, i: int):
         label = self.labels[i] if self.labels is not None else -1
         try:

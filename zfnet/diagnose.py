@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 
 from .errors import ZfnetError
-from .layers import feature_layers, layer_table
+from .layers import Unit, feature_layers, layer_table
 from .render import grid, save_png, signed_to_rgb
-from .results import write_json
+from .results import save_npz, write_json
 
 __all__ = ["BANDS", "power_spectrum", "frequency_bands", "filter_rms", "domination", "near_zero",
            "aliasing_share", "conv_layers", "Diagnosis", "diagnose"]
@@ -143,7 +143,6 @@ def _filter_tiles(weight: torch.Tensor, scale: int) -> list[np.ndarray]:
     return tiles
 
 
-@torch.no_grad()
 def _first_conv(model):
     convs = conv_layers(model)
     if not convs:
@@ -181,8 +180,6 @@ def diagnose(model: nn.Module, data=None, out: str | Path | None = None, *, max_
                                            progress, project_layer2)
     if out is not None:
         out = Path(out)
-        from .results import save_npz
-
         save_npz(out / "arrays.npz", **arrays)
         save_png(grid(_filter_tiles(w1, max(1, 48 // w1.shape[-1])), ncol=int(math.ceil(math.sqrt(len(w1))))),
                  out / "layer1_filters.png")
@@ -202,9 +199,7 @@ def _with_data(model, data, diag, arrays, max_images, batch_size, preprocess, pr
 
     pre = preprocess or preprocess_for(model)
     ds = data if isinstance(data, ImageDataset) else ImageDataset.from_folder(data, pre)
-    if max_images and len(ds) > max_images:
-        keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int).tolist()
-        ds = ImageDataset([ds.paths[i] for i in keep], None, pre)
+    ds = ds.spread(max_images, pre)
     table = layer_table(model, pre.size)
     feats = feature_layers(model, table)
     if len(feats) < 2:
@@ -228,7 +223,7 @@ def _with_data(model, data, diag, arrays, max_images, batch_size, preprocess, pr
             x, _, _, err = ds[t["index"]]
             if err:
                 continue
-            units.append(f"{l2}:{c}@{t['y']},{t['x']}")
+            units.append(Unit(l2, c, t["y"], t["x"]))
             imgs.append(x)
             boxes.append(info.window(t["y"], t["x"]))
         if units:
@@ -246,14 +241,13 @@ def _with_data(model, data, diag, arrays, max_images, batch_size, preprocess, pr
     return diag, arrays, patches
 
 
-def _field_patch(proj: torch.Tensor, info, unit: str, box) -> torch.Tensor:
+def _field_patch(proj: torch.Tensor, info, unit: Unit, box) -> torch.Tensor:
     """The projection inside a unit's full receptive field (size_y, size_x), zero where it leaves the image."""
     y0, y1, x0, x1 = box
     f = info.field
     if f is None:
         return proj[:, y0:y1, x0:x1]
-    y, x = (int(v) for v in unit.rsplit("@", 1)[1].split(","))
-    ay, ax = f.start_y + y * f.jump_y, f.start_x + x * f.jump_x
+    ay, ax = f.start_y + unit.y * f.jump_y, f.start_x + unit.x * f.jump_x
     out = proj.new_zeros(proj.shape[0], f.size_y, f.size_x)
     oy0, ox0 = max(y0, ay), max(x0, ax)
     oy1, ox1 = min(y1, ay + f.size_y), min(x1, ax + f.size_x)

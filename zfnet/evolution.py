@@ -97,10 +97,7 @@ def evolution(run: str | Path, data, out: str | Path | None = None, *, epochs: l
         c = table[name].channels
         chosen[name] = list(channels[name]) if channels and name in channels else \
             sorted({int(round(v)) for v in np.linspace(0, c - 1, min(units, c))})
-    ds = ImageDataset.from_folder(data, pre)
-    if max_images and len(ds) > max_images:
-        keep = np.linspace(0, len(ds) - 1, max_images).round().astype(int).tolist()
-        ds = ImageDataset([ds.paths[i] for i in keep], None, pre)
+    ds = ImageDataset.from_folder(data, pre).spread(max_images)
     result = Evolution(config={"run": str(run), "data": str(data), "epochs": epochs, "layers": layers,
                                "units": units, "max_images": max_images},
                        epochs=epochs, units=chosen)

@@ -30,7 +30,7 @@ from .data import collate, list_images
 from .diagnose import filter_rms  # the one measure shared by clipping and the Fig. 6 diagnosis
 from .distributed import Dist, init_distributed
 from .errors import ZfnetError
-from .models import TABLE3_VARIANTS, alexnet, zfnet
+from .models import TABLE3_VARIANTS, ConvNetConfig, alexnet, zfnet
 from .predict import ten_crop_probs
 from .progress import progress_bar
 from .results import write_json
@@ -113,16 +113,13 @@ def build_model(arch: dict) -> nn.Module:
     if name == "alexnet":
         model = alexnet(widths=tuple(arch["widths"]) if arch.get("widths") else None, **kw)
     elif name in TABLE3_VARIANTS:
-        variant = dict(TABLE3_VARIANTS[name])
-        variant.update({k: v for k, v in kw.items() if k != "fc"})
-        if arch.get("fc"):
-            variant["fc"] = kw["fc"]
+        variant = dict(TABLE3_VARIANTS[name], **kw)
         if arch.get("widths"):
             # Table 3's wider variants scale conv3-5; keep that ratio at a reduced width.
             w = list(arch["widths"])
             base = TABLE3_VARIANTS[name].get("widths")
             if base:
-                w = [max(1, round(w[i] * base[i] / (96, 256, 384, 384, 256)[i])) for i in range(5)]
+                w = [max(1, round(w[i] * base[i] / ConvNetConfig.widths[i])) for i in range(5)]
             variant["widths"] = tuple(w)
         model = zfnet(**variant)
     else:
@@ -281,10 +278,6 @@ def _datasets(cfg: TrainConfig):
     return paths, labels, vp, vl, classes
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
-
-
 def _epoch_seed(cfg, epoch: int, rank: int) -> int:
     return (cfg.seed * 1009 + epoch) * 101 + rank
 
@@ -327,7 +320,8 @@ def main(cfg: TrainConfig) -> dict:
         mean, bad = mean_image(train_ds, d, cfg.batch_size, cfg.workers, cfg.progress and d.main)
         train_ds.mean_image = mean
     if bad:  # unreadable training files: dropped before batching so every process takes the same steps
-        keep = [i for i in range(len(train_ds)) if i not in set(bad)]
+        dropped = set(bad)
+        keep = [i for i in range(len(train_ds)) if i not in dropped]
         train_ds.paths = [train_ds.paths[i] for i in keep]
         train_ds.labels = [train_ds.labels[i] for i in keep]
         if train_ds.cache is not None:
@@ -426,5 +420,5 @@ def _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, h
     full = dict(common, config={k: _plain(v) for k, v in dataclasses.asdict(cfg).items()},
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else {}, metrics=history,
-                rng=_rng_state(), skipped_train=list(bad))
+                skipped_train=list(bad))
     ckpt.save_checkpoint(full, out / ckpt.LATEST)

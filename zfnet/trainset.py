@@ -94,16 +94,13 @@ class GlobalBatches(torch.utils.data.Sampler):
     process takes its rank's share of every batch. The union of the shares is the single-process batch,
     so 1 or N processes (DDP averages gradients) take the same optimization steps."""
 
-    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0, shuffle=True):
+    def __init__(self, n: int, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0):
         self.n, self.batch_size, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
-        self.shuffle, self.epoch = shuffle, 0
+        self.epoch = 0
 
     def _global(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
         out = [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         return [b for b in out if len(b) >= self.world]  # every process needs a share of every step
 
@@ -111,8 +108,9 @@ class GlobalBatches(torch.utils.data.Sampler):
         for b in self._global():
             yield b[self.rank::self.world]
 
-    def __len__(self):
-        return len(self._global())
+    def __len__(self):  # the batches _global keeps, counted without drawing the permutation
+        full, rest = divmod(self.n, self.batch_size)
+        return full * (self.batch_size >= self.world) + (rest >= self.world)
 
 
 def preprocess_for(model: nn.Module, crop: str = "center"):
