@@ -20,6 +20,7 @@ import torch
 from .errors import ZfnetError
 from .features import Features
 from .progress import progress_bar
+from .results import text_table
 
 __all__ = [
     "CLASSIFIERS",
@@ -241,8 +242,7 @@ class ProbeResult:
         if self.scratch is not None:
             rows.append(("from scratch", f"{self.scratch['mean']:.1f} +- {self.scratch['std']:.1f}",
                          *[""] * (len(kinds) - 1)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        return "\n".join(text_table(rows))
 
 
 def _summary(accs: list[float], Cs: list[float] | None = None) -> dict:
@@ -405,6 +405,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
     from .results import write_json
 
     t0 = time.time()
+    ns = sorted({int(n) for n in per_class})
     feats = extract_features(model, data, layers, pool=pool, batch_size=batch_size, workers=workers,
                              cache_dir=cache_dir, progress=progress)
     curves = {}
@@ -413,15 +414,14 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
             feats, layer, pool=pool, classifier=classifier, per_class=per_class, max_test=max_test, folds=folds,
             seed=seed, Cs=Cs, cv=cv, engine=engine, progress=progress)
     if scratch:
-        from .scratch import decode_small, scratch_baseline
+        from .scratch import decode_all, scratch_baseline
 
         kw = dict(scratch)
         spec = kw.pop("model")
-        ns = sorted({int(n) for n in per_class})
         splits = caltech_folds(feats.labels, max(ns), max_test=max_test, folds=folds, seed=seed,
                                classes=feats.classes)
         curve = {"per_class": ns, "mean": [], "std": [], "folds": []}
-        images = decode_small(feats.paths, kw.get("size", 64), progress)[0]
+        images = decode_all(feats.paths, kw.get("size", 64), progress)
         for n in ns:
             s = scratch_baseline(spec, feats.paths, feats.labels,
                                  [(first_per_class(tr, feats.labels, n), te) for tr, te in splits], seed=seed,
@@ -431,7 +431,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
         curve["config"] = s["config"]
         curves["from scratch"] = curve
     config = {"data": str(data), "layers": list(layers), "pool": pool, "classifier": classifier,
-              "per_class": sorted({int(n) for n in per_class}), "max_test": max_test, "folds": folds,
+              "per_class": ns, "max_test": max_test, "folds": folds,
               "seed": seed, "Cs": list(Cs), "cv": cv, "engine": engine, "features": feats.config,
               "seconds": round(time.time() - t0, 1)}
     result = {"schema": 1, "config": config, "curves": curves, "skipped": feats.skipped}

@@ -20,18 +20,17 @@ from .errors import ZfnetError
 from .probes import mean_class_accuracy
 from .progress import progress_bar
 
-__all__ = ["decode_small", "reinit", "scratch_baseline", "train_from_scratch"]
+__all__ = ["decode_all", "decode_small", "reinit", "scratch_baseline", "train_from_scratch"]
 
 
-def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[torch.Tensor, np.ndarray, list]:
+def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[torch.Tensor, list]:
     """Every image resized (shorter side) and centre-cropped to size x size: (N, 3, size, size) uint8.
 
-    Returns (images, ok mask, skipped [(path, why)]); unreadable files stay as zeros with ok False.
+    Returns (images, skipped [(path, why)]); unreadable files stay as zeros.
     """
     from PIL import Image
 
     out = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
-    ok = np.zeros(len(paths), dtype=bool)
     skipped = []
     for i, p in enumerate(progress_bar(paths, desc="decode", enabled=progress)):
         try:
@@ -46,8 +45,16 @@ def decode_small(paths: Sequence, size: int, progress: bool = True) -> tuple[tor
         left, top = (w - size) // 2, (h - size) // 2
         im = im.crop((left, top, left + size, top + size))
         out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        ok[i] = True
-    return out, ok, skipped
+    return out, skipped
+
+
+def decode_all(paths: Sequence, size: int, progress: bool = True) -> torch.Tensor:
+    """`decode_small` for files whose features were extracted, so they decoded once: one that no longer
+    does has changed since, and the baseline must not train on its zeros."""
+    images, skipped = decode_small(paths, size, progress)
+    if skipped:
+        raise ZfnetError(f"cannot decode {skipped[0][0]} for the from-scratch baseline: {skipped[0][1]}")
+    return images
 
 
 def reinit(model: torch.nn.Module) -> torch.nn.Module:
@@ -132,11 +139,8 @@ def scratch_baseline(spec, paths: Sequence, labels: Sequence[int], splits: list,
 
     labels = np.asarray(labels)
     n_classes = int(labels.max()) + 1
-    skipped = []
     if images is None:  # callers running several baselines on the same files pass them decoded once
-        images, _, skipped = decode_small(paths, size, progress)
-    if skipped:  # Features already dropped unreadable files; anything here is a file that changed since
-        raise ZfnetError(f"cannot decode {skipped[0][0]} for the from-scratch baseline: {skipped[0][1]}")
+        images = decode_all(paths, size, progress)
     accs = []
     for f, (train, test) in enumerate(splits):
         torch.manual_seed(seed + f)
