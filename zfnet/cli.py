@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import sys
+from pathlib import Path
 
 from .errors import ZfnetError
 
@@ -145,21 +146,19 @@ def _atlas_args(p):
 @command("atlas", "Fig. 2: top-9 activations of every feature map over a dataset, projected, as an HTML site")(
     _atlas_args)
 def _atlas(args):
-    import torch
-
     from .atlas import atlas
+    from .distributed import init_distributed
     from .samples import sample_dir
 
-    if args.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # torchrun: one GPU per process
-        torch.cuda.set_device(args.device)
+    d, device = init_distributed(args.device)  # under torchrun: one GPU per process
+    args.device = str(device)
     model = load_from_args(args)
     layers = csv_list(args.layers) if args.layers else None
     data = args.data or str(sample_dir())
     res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
                 progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
                 model_name=args.model, weights=args.weights)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if d.main:
         summary = {"out": str(res.out), "index": str(res.out / "index.html"), "images": res.mined.images,
                    "layers": list(res.mined.layers), "skipped": len(res.mined.skipped),
                    "timing": res.meta.get("timing")}
@@ -195,8 +194,6 @@ def _project_args(p):
 @command("project", "Sec. 2.1: project units back to pixel space (deconvnet, guided backprop, saliency)")(
     _project_args)
 def _project(args):
-    from pathlib import Path
-
     import numpy as np
 
     from .data import Preprocess, load_image

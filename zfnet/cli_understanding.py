@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .cli import add_model_args, command, csv_list, load_from_args, report_skipped, write_result
 from .errors import ZfnetError
 
@@ -23,8 +25,6 @@ def _occlude_args(p):
 
 @command("occlude", "Fig. 7: occlusion sensitivity maps (exact, incremental)")(_occlude_args)
 def _occlude(args):
-    from pathlib import Path
-
     from .occlusion import occlusion, render_occlusion
     from .results import save_npz
 
@@ -76,8 +76,6 @@ def _invariance_args(p):
 @command("invariance", "Fig. 5: feature distance and p(true label) under translation, scale, rotation")(
     _invariance_args)
 def _invariance(args):
-    from pathlib import Path
-
     from .invariance import invariance, render_invariance
 
     model = load_from_args(args)
@@ -119,8 +117,6 @@ def _correspond_args(p):
 @command("correspond", "Table 1: mean feature sign change when the same part is masked in every image")(
     _correspond_args)
 def _correspond(args):
-    from pathlib import Path
-
     from .correspondence import correspondence, render_correspondence
     from .data import Preprocess
     from .results import atomic_path

@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ZfnetError
-from .invariance import penultimate_layer
-from .layers import feature_layers, layer_table, run_with_taps
+from .layers import feature_layers, layer_table, penultimate_layer, run_with_taps
+from .results import text_table
 
 __all__ = ["CorrespondenceResult", "load_parts", "correspondence", "sign_change", "render_correspondence",
            "PAPER_TABLE1"]
@@ -91,23 +91,23 @@ class CorrespondenceResult:
         return {"schema": 1, "files": self.files, "parts": self.parts, "layers": self.table,
                 "boxes": self.boxes, "skipped": [list(s) for s in self.skipped], "config": self.config}
 
+    def _rows(self) -> list[list[str]]:
+        """One row per part and the random baseline: [part, "mean ± std" per layer]."""
+        return [[part] + [f"{self.table[n][part]['mean']:.3f} ± {self.table[n][part]['std']:.3f}"
+                          for n in self.layers] for part in self.parts + ["random"]]
+
     def format(self) -> str:
         """Table 1 layout: one row per part and the random baseline, one column per layer."""
         head = ["occlusion location"] + [f"{name} sign change" for name in self.layers]
-        rows = [head]
-        for part in self.parts + ["random"]:
-            rows.append([part] + [f"{self.table[name][part]['mean']:.3f} ± {self.table[name][part]['std']:.3f}"
-                                  for name in self.layers])
-        w = [max(len(r[c]) for r in rows) for c in range(len(head))]
-        lines = ["  ".join(v.ljust(w[c]) for c, v in enumerate(r)).rstrip() for r in rows]
-        return "\n".join([lines[0], "  ".join("-" * x for x in w)] + lines[1:])
+        rows = [head] + self._rows()
+        lines = text_table(rows)
+        rule = "  ".join("-" * max(len(r[c]) for r in rows) for c in range(len(head)))
+        return "\n".join([lines[0], rule] + lines[1:])
 
     def markdown(self) -> str:
         lines = ["| occlusion location | " + " | ".join(self.layers) + " |",
                  "|---|" + "---|" * len(self.layers)]
-        for part in self.parts + ["random"]:
-            cells = [f"{self.table[n][part]['mean']:.3f} ± {self.table[n][part]['std']:.3f}" for n in self.layers]
-            lines.append(f"| {part} | " + " | ".join(cells) + " |")
+        lines += [f"| {r[0]} | " + " | ".join(r[1:]) + " |" for r in self._rows()]
         return "\n".join(lines)
 
 

@@ -186,9 +186,14 @@ class Preprocess:
             if torch.rand(1, generator=self.generator).item() < 0.5:
                 x = x.flip(-1)
             return x.contiguous()
+        return self.center(x).contiguous()
+
+    def center(self, x: torch.Tensor) -> torch.Tensor:
+        """The centred size x size crop of a (C, H, W) tensor (a view)."""
         H, W = x.shape[-2:]
+        s = self.size
         t, left = _offset(H, s), _offset(W, s)
-        return x[:, t:t + s, left:left + s].contiguous()
+        return x[..., t:t + s, left:left + s]
 
     def _file_geometry(self, width: int, height: int) -> tuple[float, float, int, int]:
         """(scale_y, scale_x, off_y, off_x) of the centre crop: input pixel i is resized pixel i + off,

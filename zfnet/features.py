@@ -200,10 +200,9 @@ def extract_features(model: torch.nn.Module, data, layers: Sequence[str] | None 
     def reduce(name, t):
         return {p: pool_tensor(t, p).float().cpu().numpy() for p in pools}
 
-    def checkpoint(seen, path):
+    def checkpoint(seen):  # what is done so far, into the partial file a resumed run starts from
         merged = {k: np.concatenate(v) if v else np.zeros((0, 0), np.float32) for k, v in chunks.items()}
-        _save(path, merged, {"kept": kept, "skipped": skipped, "seen": seen, "config": config})
-        return merged
+        _save(partial, merged, {"kept": kept, "skipped": skipped, "seen": seen, "config": config})
 
     dataset = ImageDataset(paths, labels_arr.tolist(), transform)
     batches = Batches(dataset, batch_size, workers, progress, desc="features", start=start)
@@ -220,7 +219,7 @@ def extract_features(model: torch.nn.Module, data, layers: Sequence[str] | None 
             skipped += [s for s in batches.skipped if s not in skipped]
             seen = len(kept) + len(skipped)
             if partial is not None and seen - last_ckpt >= checkpoint_every:
-                checkpoint(seen, partial)
+                checkpoint(seen)
                 last_ckpt = seen
     finally:
         model.train(was_training)

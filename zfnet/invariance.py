@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ZfnetError
-from .layers import feature_layers, layer_table, taps
+from .layers import feature_layers, layer_table, penultimate_layer, taps
 from .progress import progress_bar
 
 __all__ = ["InvarianceResult", "invariance", "penultimate_layer", "default_layers", "transform_image",
@@ -30,24 +30,7 @@ DEFAULT_SWEEPS = {
     "scale": [round(1.0 + 0.1 * i, 2) for i in range(9)],  # zoom 1.0 .. 1.8 (Fig. 5 b)
     "rotate": [float(a) for a in range(0, 361, 15)],  # degrees (Fig. 5 c)
 }
-_SKIP_KINDS = {"Dropout", "Dropout2d", "Dropout1d", "AlphaDropout", "Identity", "Flatten", "Sequential",
-               "ModuleList", "ModuleDict"}
 
-
-def penultimate_layer(model: nn.Module, table=None) -> str:
-    """The layer that feeds the classifier output (relu7 in ZFNet; features.12 in SqueezeNet).
-
-    Walks back from the last Linear/Conv2d in execution order past dropout, flatten and containers.
-    """
-    table = table or layer_table(model)
-    infos = list(table)
-    last = max((i for i, info in enumerate(infos) if info.kind in ("Linear", "Conv2d")), default=None)
-    if last is None:
-        raise ZfnetError("model has no Linear or Conv2d layer: cannot find its penultimate layer")
-    for info in reversed(infos[:last]):
-        if info.kind not in _SKIP_KINDS:
-            return info.name
-    raise ZfnetError("model has no layer before its classifier")
 
 
 def default_layers(model: nn.Module) -> list[str]:
@@ -148,21 +131,18 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
     dist = {k: {name: [] for name in layers} for k in sweeps}
     norm = {k: {name: [] for name in layers} for k in sweeps}
     prob = {k: [] for k in sweeps}
-    s = pre.size
+    # batch rows: 0 = the image itself, then each sweep's values in one contiguous block
+    spans, r = {}, 1
+    for k, vals in sweeps.items():
+        spans[k], r = slice(r, r + len(vals)), r + len(vals)
     for i, path in enumerate(progress_bar(images, desc="invariance", unit="img", enabled=progress)):
         try:
             base = pre.base(load_image(path))
         except ZfnetError as e:
             skipped.append((path, str(e)))
             continue
-        H, W = base.shape[-2:]
-        t, left = int(round((H - s) / 2.0)), int(round((W - s) / 2.0))
-        batch = [base[:, t:t + s, left:left + s]]
-        index = []
-        for k, vals in sweeps.items():
-            for j, v in enumerate(vals):
-                batch.append(transform_image(base, k, v)[:, t:t + s, left:left + s])
-                index.append((k, j))
+        batch = [pre.center(base)] + [pre.center(transform_image(base, k, v)) for k, vals in sweeps.items()
+                                      for v in vals]
         x = torch.stack(batch).to(device)
         feats, outs = {name: [] for name in layers}, []
         with torch.no_grad():
@@ -177,22 +157,19 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
             raise ZfnetError(f"label {label} out of range 0..{p.shape[1] - 1} for {path}")
         files.append(path)
         labs.append(label)
-        per = {k: np.zeros(len(v)) for k, v in sweeps.items()}
-        for r, (k, j) in enumerate(index, start=1):
-            per[k][j] = float(p[r, label])
+        pl = p[:, label].double().cpu().numpy()
         for k in sweeps:
-            prob[k].append(per[k])
+            prob[k].append(pl[spans[k]])
         for name in layers:
             f = torch.cat(feats[name]).double()
-            d = (f[1:] - f[0]).norm(dim=1).cpu().numpy()
+            d = (f - f[0]).norm(dim=1).cpu().numpy()  # row 0: distance 0 to itself
             ref = max(float(f[0].norm()), 1e-12)
             for k in sweeps:
-                rows = [r for r, (kk, _) in enumerate(index) if kk == k]
-                dist[k][name].append(d[rows])
-                norm[k][name].append(d[rows] / ref)
+                dist[k][name].append(d[spans[k]])
+                norm[k][name].append(d[spans[k]] / ref)
+
     def arr(rows, k):  # (images, sweep values), also when every image was skipped
         return np.array(rows, dtype=float).reshape(len(files), len(sweeps[k]))
-
 
     return InvarianceResult(
         files=files, labels=labs, label_names=[cats[i] if i < len(cats) else str(i) for i in labs],
@@ -200,7 +177,7 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
         normalized={k: {n: arr(v, k) for n, v in d.items()} for k, d in norm.items()},
         prob={k: arr(v, k) for k, v in prob.items()},
         skipped=skipped, config={"layers": layers, "sweeps": sweeps, "labels": labels,
-                                 "preprocessing": pre.preset, "input_size": s})
+                                 "preprocessing": pre.preset, "input_size": pre.size})
 
 
 _XLABEL = {"translate": "vertical translation (pixels)", "scale": "scale (ratio)", "rotate": "rotation (degrees)"}

@@ -22,9 +22,10 @@ import torch.nn as nn
 
 from .errors import ZfnetError
 from .fields import Field, FieldTracker, Geom, pair
+from .results import text_table
 
 __all__ = ["Field", "LayerInfo", "LayerTable", "layer_table", "taps", "run_with_taps", "Unit",
-           "parse_unit", "feature_layers", "file_safe"]
+           "parse_unit", "feature_layers", "penultimate_layer", "file_safe"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,8 +97,7 @@ class LayerTable:
             rows.append((i.name, i.kind, str(i.channels), f"{i.height}x{i.width}",
                          f"{f.jump_y}" if f else "-", f"{f.size_y}" if f else "all",
                          f"{f.start_y}" if f else "-"))
-        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-        return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
+        return "\n".join(text_table(rows))
 
 
 _TABLE_CACHE: dict = {}
@@ -171,6 +171,27 @@ def feature_layers(model: nn.Module, table: LayerTable | None = None) -> list[st
     kinds = {a.__name__ for a in acts}
     names = [i.name for i in table if i.kind in kinds and i.height * i.width > 1 and i.rows is not None]
     return names or [i.name for i in table if i.kind == "Conv2d"]
+
+
+# Layers that only pass values on (skipped when looking for the layer feeding the classifier).
+_SKIP_KINDS = {"Dropout", "Dropout2d", "Dropout1d", "AlphaDropout", "Identity", "Flatten", "Sequential",
+               "ModuleList", "ModuleDict"}
+
+
+def penultimate_layer(model: nn.Module, table=None) -> str:
+    """The layer that feeds the classifier output (relu7 in ZFNet; features.12 in SqueezeNet).
+
+    Walks back from the last Linear/Conv2d in execution order past dropout, flatten and containers.
+    """
+    table = table or layer_table(model)
+    infos = list(table)
+    last = max((i for i, info in enumerate(infos) if info.kind in ("Linear", "Conv2d")), default=None)
+    if last is None:
+        raise ZfnetError("model has no Linear or Conv2d layer: cannot find its penultimate layer")
+    for info in reversed(infos[:last]):
+        if info.kind not in _SKIP_KINDS:
+            return info.name
+    raise ZfnetError("model has no layer before its classifier")
 
 
 # ----------------------------------------------------------------------------------------------------

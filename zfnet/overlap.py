@@ -81,7 +81,6 @@ class OverlapResult:
     pairs: list[dict]  # [{"a": path, "b": path, "score": s}], best first
     n_a: int
     n_b: int
-    config: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)
 
     def to_json(self) -> list[dict]:
@@ -108,6 +107,7 @@ def find_overlap(a, b, *, threshold: float = DEFAULT_THRESHOLD, size: int = 32, 
     same = [Path(p).resolve() for p in pa] == [Path(p).resolve() for p in pb]
     tb, kb, sb = (ta, ka, []) if same else thumbnails(pb, size, progress=progress)
     rb = {str(Path(p).resolve()): j for j, p in enumerate(kb)}
+    ra = [str(Path(p).resolve()) for p in ka] if not same else None  # resolved once, not per candidate pair
     pairs = []
     for start in range(0, ta.shape[1], block):
         # (block, len(b)): the best normalized correlation over every pair of zooms
@@ -116,10 +116,8 @@ def find_overlap(a, b, *, threshold: float = DEFAULT_THRESHOLD, size: int = 32, 
             gi = start + int(i)
             if same and int(j) <= gi:  # within one set: each unordered pair once, never an image with itself
                 continue
-            if not same and rb.get(str(Path(ka[gi]).resolve())) == int(j):
+            if not same and rb.get(ra[gi]) == int(j):
                 continue
             pairs.append({"a": ka[gi], "b": kb[int(j)], "score": round(float(scores[i, j]), 4)})
     pairs.sort(key=lambda p: -p["score"])
-    config = {"threshold": threshold, "size": size, "a": [str(x) for x in ([a] if isinstance(a, (str, os.PathLike))
-              else a)], "b": [str(x) for x in ([b] if isinstance(b, (str, os.PathLike)) else b)]}
-    return OverlapResult(pairs, len(ka), len(kb), config, sa + sb)
+    return OverlapResult(pairs, len(ka), len(kb), sa + sb)

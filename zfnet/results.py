@@ -18,7 +18,7 @@ import torch
 
 from .errors import ZfnetError
 
-__all__ = ["atomic_path", "load_tensors", "write_json", "read_json", "save_npz", "to_jsonable"]
+__all__ = ["atomic_path", "load_tensors", "write_json", "read_json", "save_npz", "to_jsonable", "text_table"]
 
 
 @contextmanager
@@ -85,3 +85,9 @@ def load_tensors(path: str | os.PathLike, what: str = "file"):
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or pickled code that weights_only refuses
         raise ZfnetError(f"cannot read {what} {path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def text_table(rows) -> list[str]:
+    """Rows of strings as lines of left-aligned columns two spaces apart (a terminal summary)."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
