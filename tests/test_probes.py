@@ -1,6 +1,8 @@
 """Per-layer probes, the Caltech fold sampler, feature extraction + cache, the from-scratch loop, the CLI."""
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -319,3 +321,23 @@ def test_cli_probe_fewshot_and_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "3 class(es) have fewer than 6 images" in err and "class0 (5)" in err
     assert "Traceback" not in err
+
+
+def test_fewshot_scratch_baseline_refuses_a_file_that_stopped_decoding(tmp_path, monkeypatch):
+    """The baseline decodes again the files the features came from; one that no longer decodes (changed
+    since) must stop the run with its name, not be trained on as an all-zero picture."""
+    import zfnet.scratch  # noqa: F401 (the module, for monkeypatch)
+    from zfnet.probes import run_fewshot
+
+    root = _folder(tmp_path / "imgs", per_class=4)
+    real = sys.modules["zfnet.scratch"].load_image
+
+    def changed_since(path):
+        if Path(path).name == "2.png" and Path(path).parent.name == "class1":
+            raise ZfnetError(f"cannot read {path}: truncated")
+        return real(path)
+
+    monkeypatch.setattr(sys.modules["zfnet.scratch"], "load_image", changed_since)
+    with pytest.raises(ZfnetError, match="2.png"):
+        run_fewshot(Tiny().eval(), root, tmp_path / "out", layers=["relu2"], per_class=[1, 2], folds=1,
+                    scratch={"model": "squeezenet1_1", "size": 32, "epochs": 1}, progress=False)
