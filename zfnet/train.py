@@ -284,8 +284,16 @@ def _epoch_seed(cfg, epoch: int, rank: int) -> int:
 
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) the run in `cfg.out`. Returns the last epoch's metrics (rank 0: all epochs)."""
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:  # a library call leaves the caller's thread count as it was
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: TrainConfig) -> dict:
     d, device = init_distributed(cfg.device)
     amp = cfg.amp and device.type == "cuda"
     out = Path(cfg.out)
