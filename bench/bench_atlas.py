@@ -1,4 +1,4 @@
-"""End-to-end feature atlas time (issue 4): SqueezeNet 1.1 over the ImageNet sample photos.
+"""End-to-end feature atlas time (Fig. 2): SqueezeNet 1.1 over the ImageNet sample photos.
 
 Times `atlas()` (mining pass + deconvnet projections + pictures + site) and, in the same run, a plain
 forward pass (decode, preprocess, forward of the whole model) over the same images and batch size.
@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zfnet.atlas import atlas  # noqa: E402
-from zfnet.data import Batches, ImageDataset, Preprocess  # noqa: E402
-from zfnet.weights import load_model  # noqa: E402
+from zfnet.data.images import Batches, ImageDataset, Preprocess  # noqa: E402
+from zfnet.models.weights import load_model  # noqa: E402
+from zfnet.understanding.atlas import atlas  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 

@@ -1,4 +1,4 @@
-"""Mining speed and memory (issue 4).
+"""Mining speed and memory (the top-k pass behind Fig. 2).
 
 1. Throughput: `mine()` over all feature layers of ZFNet (random weights) and SqueezeNet 1.1, against a
    plain forward pass (the whole model, inference mode) over the same in-memory images and batch size, in
@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zfnet.data import ImageDataset  # noqa: E402
-from zfnet.layers import feature_layers  # noqa: E402
-from zfnet.mine import mine  # noqa: E402
-from zfnet.models import squeezenet1_1, zfnet  # noqa: E402
+from zfnet.data.images import ImageDataset  # noqa: E402
+from zfnet.engine.mine import mine  # noqa: E402
+from zfnet.inspect.layers import feature_layers  # noqa: E402
+from zfnet.models.networks import squeezenet1_1, zfnet  # noqa: E402
 
 
 class Synthetic(ImageDataset):
@@ -48,7 +48,7 @@ class Synthetic(ImageDataset):
 
 
 def plain_forward(model, ds, batch_size):
-    from zfnet.data import Batches
+    from zfnet.data.images import Batches
 
     with torch.inference_mode():
         for x, _, _ in Batches(ds, batch_size, progress=False):

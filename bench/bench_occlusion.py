@@ -1,4 +1,4 @@
-"""Occlusion speed (issue 5): zfnet's exact incremental occlusion against Captum's Occlusion.
+"""Occlusion speed (Fig. 7): zfnet's exact incremental occlusion against Captum's Occlusion.
 
 Both compute the same per-pixel map for one photo (Captum's attribution for the target class: the mean,
 over the occluders covering a pixel, of clean minus occluded probability), on ZFNet (random weights) and
@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zfnet.data import Preprocess, load_image  # noqa: E402
-from zfnet.occlusion import occluded_outputs, occluder_boxes, pixel_attribution  # noqa: E402
-from zfnet.samples import sample_dir  # noqa: E402
-from zfnet.weights import load_model  # noqa: E402
+from zfnet.data.images import Preprocess, load_image  # noqa: E402
+from zfnet.data.samples import sample_dir  # noqa: E402
+from zfnet.models.weights import load_model  # noqa: E402
+from zfnet.understanding.occlusion import occluded_outputs, occluder_boxes, pixel_attribution  # noqa: E402
 
 SQUEEZENET_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "squeezenet1_1.pth"
 

@@ -1,4 +1,4 @@
-"""Linear-probe fitting time (issue 7): zfnet's torch L-BFGS probe against scikit-learn, same data, same C.
+"""Linear-probe fitting time (Table 7): zfnet's torch L-BFGS probe against scikit-learn, same data, same C.
 
 Data shaped like one Caltech-101 fold of the Table 7 protocol (101 classes x 30 training images, 512-d
 pooled features, as SqueezeNet's features.12), drawn at random around class centres so the test accuracy
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zfnet.probes import LinearProbe, _make, mean_class_accuracy  # noqa: E402
+from zfnet.generalization.protocol import LinearProbe, _make, mean_class_accuracy  # noqa: E402
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Projection speed on the atlas workload: zfnet.project vs Captum's NeuronDeconvolution, same run.
+"""Projection speed on the atlas workload: zfnet.engine.project vs Captum's NeuronDeconvolution, same run.
 
 Workload (Fig. 2 of the paper): for each feature layer, 9 units, each projected at its strongest
 activation on 9 different images (81 single-activation deconv projections per layer). zfnet does each
@@ -22,9 +22,9 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zfnet.layers import feature_layers, run_with_taps  # noqa: E402
-from zfnet.models import zfnet  # noqa: E402
-from zfnet.project import project  # noqa: E402
+from zfnet.engine.project import project  # noqa: E402
+from zfnet.inspect.layers import feature_layers, run_with_taps  # noqa: E402
+from zfnet.models.networks import zfnet  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -113,8 +113,8 @@ def main(argv=None):
     weights = SHARED / "weights" / "squeezenet1_1.pth"
     samples = SHARED / "data" / "imagenet-samples"
     if weights.exists() and samples.exists():
-        from zfnet.data import Preprocess, load_image
-        from zfnet.weights import load_model
+        from zfnet.data.images import Preprocess, load_image
+        from zfnet.models.weights import load_model
 
         sq = load_model("squeezenet1_1", str(weights))
         files = sorted(samples.iterdir())[:: (100 if args.quick else 25)]

@@ -24,7 +24,7 @@ def need_shared(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def squeezenet():
     """SqueezeNet 1.1 with the real ImageNet weights, eval mode."""
-    from zfnet.weights import load_model
+    from zfnet.models.weights import load_model
 
     return load_model("squeezenet1_1", str(need_shared(SQUEEZENET_WEIGHTS)))
 

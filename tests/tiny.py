@@ -1,0 +1,52 @@
+"""Tiny models and image folders shared by tests in several folders (mining, atlas, site)."""
+
+import shutil
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from zfnet.data.images import Preprocess
+
+PRE = Preprocess(resize=36, size=32)
+
+
+class Tiny(nn.Module):
+    """Two conv layers (one with an in-place ReLU) and a vector layer, float64 so that comparisons with
+    the brute force are exact even though batches are composed differently."""
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 6, 5, 2, 2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(6, 5, 3, 1, 1)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.grid = nn.AdaptiveAvgPool2d(8)  # identity at 32x32; lets the CLI's 224 input through
+        self.flat = nn.Flatten(1)
+        self.fc = nn.Linear(5 * 8 * 8, 4)
+        with torch.no_grad():  # channel 5 of conv1 is dead: all its values tie at 0
+            self.conv1.weight[5] = -self.conv1.weight[5].abs()
+            self.conv1.bias[5] = -1.0
+        self.to(dtype).eval()
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))
+        return self.fc(self.flat(self.grid(self.relu2(self.conv2(x)))))
+
+
+def make_folder(root, n=13, seed=0):
+    """n small random photos; a few exact duplicates and a flat image make ties."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        if i == 3:
+            a = np.full((40, 44, 3), 128, np.uint8)  # flat: its maxima tie across locations
+        else:
+            a = rng.integers(0, 256, (40 + i % 3, 44, 3), dtype=np.uint8)
+        Image.fromarray(a).save(root / f"img{i:02d}.png")
+    for dup in (7, 11):  # identical files: equal values, so the lower index must come first
+        shutil.copy(root / "img02.png", root / f"img{dup:02d}.png")
+    return root

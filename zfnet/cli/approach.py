@@ -1,0 +1,81 @@
+"""`zfnet layers | project`: Sec. 2 of the paper, the approach: the layer table of any model and the
+projection of its units back to pixel space (Sec. 2.1: deconvnet, guided backprop, saliency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import add_model_args, command, emit_json, load_from_args
+
+
+def _layers_args(p):
+    add_model_args(p)
+    p.add_argument("--size", type=int, default=224, help="input size in pixels (default: %(default)s)")
+    p.add_argument("--json", action="store_true")
+
+
+@command("layers", "the layer table: channels, size, stride, receptive field per layer")(_layers_args)
+def _layers(args):
+    from ..inspect.layers import layer_table
+
+    if args.weights == "default":
+        args.weights = None  # the table depends on the architecture only: never download for it
+    table = layer_table(load_from_args(args), args.size)
+    emit_json(table.to_json()) if args.json else print(table.format())
+    return 0
+
+
+def _project_args(p):
+    add_model_args(p)
+    p.add_argument("image", metavar="IMAGE", help="an image file")
+    p.add_argument("--unit", action="append", default=None, metavar="LAYER:CH[@Y,X]",
+                   help="unit to project, repeatable: a feature map (conv5:17, or a module name such as "
+                        "features.12:3) or one activation (conv5:17@3,4). Default: the strongest feature map "
+                        "of the deepest conv feature layer")
+    p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
+                   help="deconv = Zeiler & Fergus deconvnet (default); guided = guided backprop; "
+                        "saliency = the plain gradient")
+    p.add_argument("--backprop-norm", action="store_true",
+                   help="backpropagate LRN instead of passing it through (deconv mode)")
+    p.add_argument("--out", required=True, help="output folder: one PNG per unit, named after the unit")
+    p.add_argument("--save-npy", action="store_true",
+                   help="also write input.npy (the preprocessed input, 1x3xHxW float32) and <unit>.npy "
+                        "(the raw projection, same shape)")
+    p.epilog = ("PNG display: each projection is scaled by its own largest magnitude, symmetric about zero "
+                "(0 = mid grey, +max = white, -max = black, per colour channel with one shared scale), as "
+                "in the paper's figures; use --save-npy for the raw numbers.")
+
+
+@command("project", "Sec. 2.1: project units back to pixel space (deconvnet, guided backprop, saliency)")(
+    _project_args)
+def _project(args):
+    import numpy as np
+
+    from ..core.results import atomic_path
+    from ..data.images import Preprocess, load_image
+    from ..engine.project import project, strongest_map
+    from ..inspect.layers import layer_table, parse_unit
+    from ..present.render import save_png, signed_to_rgb
+
+    image = load_image(args.image)  # ZfnetError naming the file if unreadable
+    model = load_from_args(args)
+    x = Preprocess.for_model(model)(image).unsqueeze(0).to(next(model.parameters()).device)
+    table = layer_table(model, tuple(x.shape[-2:]))
+    units = [parse_unit(u, table) for u in args.unit] if args.unit else [strongest_map(model, x)]
+    proj = project(model, x, units, args.mode, backprop_norm=args.backprop_norm)[0]  # (U, 3, H, W)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save_npy(path, a):
+        with atomic_path(path, suffix=".npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, a)
+
+    if args.save_npy:
+        save_npy(out / "input.npy", x.detach().cpu().float().numpy())
+    for u, p in zip(units, proj):
+        save_png(signed_to_rgb(p), out / f"{u.slug}.png")
+        if args.save_npy:
+            save_npy(out / f"{u.slug}.npy", p.unsqueeze(0).detach().cpu().float().numpy())
+        print(f"{u}: max |projection| {p.abs().max().item():.4g} -> {out / (u.slug + '.png')}")
+    return 0

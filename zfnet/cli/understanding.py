@@ -1,0 +1,179 @@
+"""`zfnet atlas | occlude | invariance | correspond`: Sec. 4 of the paper, the feature atlas (Fig. 2) and the
+measurements (Fig. 7, Fig. 5, Table 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import ZfnetError
+from .common import add_model_args, command, csv_list, emit_json, load_from_args, report_skipped, write_result
+
+
+def _atlas_args(p):
+    add_model_args(p)
+    p.add_argument("--data", default=None, help="image folder (default: the sample photos shipped with zfnet)")
+    p.add_argument("--layers", default=None, help="comma-separated layer names (default: the rectified conv "
+                   "outputs; see `zfnet layers`)")
+    p.add_argument("--k", type=int, default=9, help="top activations per feature map (default: %(default)s)")
+    p.add_argument("--out", default="atlas", help="result folder (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
+                   help="projection rule (default: the paper's deconvnet)")
+    p.add_argument("--tile", type=int, default=64, help="largest side of each picture in pixels (default: 64)")
+    p.add_argument("--json", action="store_true", help="print only the result summary as JSON on stdout")
+
+
+@command("atlas", "Fig. 2: top-9 activations of every feature map over a dataset, projected, as an HTML site")(
+    _atlas_args)
+def _atlas(args):
+    from ..core.distributed import init_distributed
+    from ..data.samples import sample_dir
+    from ..understanding.atlas import atlas
+
+    d, device = init_distributed(args.device)  # under torchrun: one GPU per process
+    args.device = str(device)
+    model = load_from_args(args)
+    layers = csv_list(args.layers) if args.layers else None
+    data = args.data or str(sample_dir())
+    res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
+                progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
+                model_name=args.model, weights=args.weights)
+    if d.main:
+        summary = {"out": str(res.out), "index": str(res.out / "index.html"), "images": res.mined.images,
+                   "layers": list(res.mined.layers), "skipped": len(res.mined.skipped),
+                   "timing": res.meta.get("timing")}
+        if args.json:
+            emit_json(summary)
+        else:
+            print(f"atlas of {res.mined.images} images, {len(res.mined.layers)} layers: {res.out / 'index.html'}")
+        report_skipped(res.mined.skipped)
+    return 0 if res.mined.images else 1
+
+
+def _occlude_args(p):
+    add_model_args(p)
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("--label", type=int, default=None, help="correct class index (default: the clean top-1)")
+    p.add_argument("--size", type=int, default=48, help="occluder side in input pixels (default: %(default)s)")
+    p.add_argument("--stride", type=int, default=16, help="occluder step in input pixels (default: %(default)s)")
+    p.add_argument("--fill", type=float, default=0.0,
+                   help="occluder value after normalization; 0 = the preprocessing mean (default)")
+    p.add_argument("--layer", default=None, help="layer whose strongest map is tracked (default: top conv layer)")
+    p.add_argument("--method", default="incremental", choices=["incremental", "naive"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", required=True, help="result folder")
+    p.add_argument("--json", action="store_true", help="print result.json on stdout")
+
+
+@command("occlude", "Fig. 7: occlusion sensitivity maps (exact, incremental)")(_occlude_args)
+def _occlude(args):
+    from ..core.results import save_npz
+    from ..understanding.occlusion import occlusion, render_occlusion
+
+    model = load_from_args(args)
+    r = occlusion(model, args.image, label=args.label, size=args.size, stride=args.stride, fill=args.fill,
+                  layer=args.layer, method=args.method, batch_size=args.batch_size, progress=not args.json)
+    out = Path(args.out)
+    arrays = dict(prob=r.prob, argmax_label=r.argmax_label, activity=r.activity,
+                  pixel_attribution=r.pixel_attribution())
+    if r.projection is not None:
+        arrays["projection"] = r.projection
+    save_npz(out / "maps.npz", **arrays)
+    render_occlusion(r, out / "occlusion.png")
+    if write_result(args, out, r.to_json(), image=args.image):
+        print(f"{r.file}: p({r.label_name})={r.clean_prob:.3f} unoccluded, min {r.prob.min():.3f} occluded; "
+              f"tracked {r.feature_map}; wrote {out}/result.json, occlusion.png, maps.npz")
+    return 0
+
+
+def _floats(text):
+    """"a:b:step" (inclusive) or "v1,v2,..." -> floats."""
+
+    try:
+        if ":" in text:
+            a, b, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            n = int(round((b - a) / step))
+            return [round(a + i * step, 6) for i in range(n + 1)]
+        return csv_list(text, float)
+    except ValueError:
+        raise ZfnetError(f"bad sweep {text!r}: use START:STOP:STEP (step > 0) or V1,V2,...") from None
+
+
+def _invariance_args(p):
+    add_model_args(p)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--label", type=int, nargs="+", default=None,
+                   help="true class of each image, in order (default: each image's unmodified top-1)")
+    p.add_argument("--layers", nargs="+", default=None, help="default: layer 1 and the penultimate layer")
+    p.add_argument("--translate", default="-60:60:10", help="vertical shifts in pixels (default: %(default)s)")
+    p.add_argument("--scale", default="1.0:1.8:0.1", help="zoom factors (default: %(default)s)")
+    p.add_argument("--rotate", default="0:360:15", help="angles in degrees (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="result folder")
+    p.add_argument("--json", action="store_true", help="print result.json on stdout")
+
+
+@command("invariance", "Fig. 5: feature distance and p(true label) under translation, scale, rotation")(
+    _invariance_args)
+def _invariance(args):
+    from ..understanding.invariance import invariance, render_invariance
+
+    model = load_from_args(args)
+    sweeps = {k: _floats(getattr(args, k)) for k in ("translate", "scale", "rotate")}
+    r = invariance(model, args.images, labels=args.label, layers=args.layers, sweeps=sweeps,
+                   batch_size=args.batch_size, progress=not args.json)
+    out = Path(args.out)
+    result = r.to_json()
+    if r.files:
+        render_invariance(r, out / "invariance.png")
+        render_invariance(r, out / "invariance_raw.png", normalized=False)
+    if write_result(args, out, result, images=args.images):
+        for k in r.sweeps:
+            for name in r.layers:
+                d = r.normalized[k][name]
+                print(f"{k:9s} {name:14s} normalized distance at the sweep's end: "
+                      + ", ".join(f"{v:.2f}" for v in d[:, -1]))
+        print(f"wrote {out}/result.json, invariance.png, invariance_raw.png")
+    report_skipped(r.skipped)
+    return 0 if r.files else 1
+
+
+def _correspond_args(p):
+    add_model_args(p)
+    p.add_argument("--parts", required=True, help="parts file (format of ../shared/data/dogs/parts.json)")
+    p.add_argument("--images-root", default=None,
+                   help="folder of the images (default: beside the parts file, else ../imagenet-samples "
+                        "next to its folder)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="default: the top conv layer and the penultimate layer")
+    p.add_argument("--part", nargs="+", default=None, help="parts to mask (default: all marked in every image)")
+    p.add_argument("--size", type=int, default=30, help="masking square side in input pixels (default: %(default)s)")
+    p.add_argument("--draws", type=int, default=10, help="random-position draws per image (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="result folder")
+    p.add_argument("--json", action="store_true", help="print result.json on stdout")
+
+
+@command("correspond", "Table 1: mean feature sign change when the same part is masked in every image")(
+    _correspond_args)
+def _correspond(args):
+    from ..core.results import atomic_path
+    from ..data.images import Preprocess
+    from ..understanding.correspondence import correspondence, render_correspondence
+
+    model = load_from_args(args)
+    r = correspondence(model, args.parts, images_root=args.images_root, layers=args.layers, parts=args.part,
+                       size=args.size, random_draws=args.draws, seed=args.seed)
+    out = Path(args.out)
+    render_correspondence(r, out / "masks.png", Preprocess.for_model(model))
+    with atomic_path(out / "table1.md") as tmp:
+        Path(tmp).write_text(r.markdown() + "\n", encoding="utf-8")
+    if write_result(args, out, r.to_json()):
+        print(r.format())
+        print(f"wrote {out}/result.json, table1.md, masks.png")
+    report_skipped(r.skipped)
+    return 0

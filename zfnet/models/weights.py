@@ -1,0 +1,190 @@
+"""Model registry, weights records and `load_model`: how a name or a user factory becomes a ready model.
+
+A weights record says where published weights live (URL + sha256), how images must be preprocessed for
+them and what the classes are, so `predict`, the atlas and every experiment preprocess consistently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..core.errors import ZfnetError
+from ..core.results import load_tensors
+from .networks import ALEXNET_TORCHVISION_KEYS, alexnet, squeezenet1_1, zfnet
+
+__all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "WEIGHTS_ENV"]
+
+WEIGHTS_ENV = "ZFNET_WEIGHTS"  # names a local weights file when there is no internet
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 class names in class-index order."""
+    text = resources.files("zfnet").joinpath("assets/imagenet_classes.tsv").read_text()
+    return tuple(line.split("\t", 1)[1] for line in text.splitlines() if line)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A weights record (as torchvision's): where, how to preprocess, what the outputs mean."""
+
+    url: str | None = None
+    sha256: str | None = None  # digest of the file at `url`, or its leading hex digits (torchvision puts 8 in the name)
+    preprocessing: str = "torchvision"  # "torchvision" or "paper" (see zfnet.data.images)
+    categories: tuple[str, ...] | None = None
+    key_map: dict = field(default_factory=dict)  # published key prefix -> our module name
+    metrics: dict = field(default_factory=dict)
+    mean_image: torch.Tensor | None = None  # (3, 256, 256): the paper's per-pixel mean, from a checkpoint
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "zfnet": zfnet,
+    "alexnet": alexnet,
+    "alexnet2": lambda **kw: alexnet(groups=2, **kw),
+    "alexnet_torchvision": lambda **kw: alexnet(layout="torchvision", **kw),
+    "squeezenet1_1": squeezenet1_1,
+}
+
+WEIGHTS: dict[str, Weights] = {
+    "squeezenet1_1": Weights(
+        url="https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+        sha256="b8a52dc0",
+        categories=None,  # filled lazily with imagenet_classes()
+        metrics={"imagenet_top1": 58.178, "imagenet_top5": 80.624},
+    ),
+    "alexnet_torchvision": Weights(
+        url="https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+        sha256="7be5be79",
+        key_map=ALEXNET_TORCHVISION_KEYS,
+        metrics={"imagenet_top1": 56.522, "imagenet_top5": 79.066},
+    ),
+}
+
+
+def model_meta(model: nn.Module) -> Weights:
+    """The weights record attached by `load_model` (a plain torchvision-preprocessing one otherwise)."""
+    return getattr(model, "zfnet_weights", None) or Weights()
+
+
+def _build(spec: str, num_classes: int | None) -> nn.Module:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if spec in MODELS:
+        return MODELS[spec](**kwargs)
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise ZfnetError(f"cannot import model factory {spec!r}: {e}") from None
+        model = factory(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ZfnetError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+    raise ZfnetError(f"unknown model {spec!r}; known: {', '.join(MODELS)}, or package.module:factory")
+
+
+def _fetch(url: str, sha256: str | None) -> str:
+    """Download once into the torch.hub cache (hash-checked), or explain how to work offline.
+
+    Without a known digest, a `name-<hex>.pth` file name gives the expected sha256 prefix (torch.hub's rule).
+    """
+    name = os.path.basename(url)
+    if sha256 is None:
+        m = re.search(r"-([a-f0-9]{8,})\.", name)
+        sha256 = m.group(1) if m else None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / name
+    if not cached.exists():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(cached) + ".part", hash_prefix=sha256, progress=True)
+            os.replace(str(cached) + ".part", cached)
+        except RuntimeError as e:  # torch.hub's hash mismatch
+            raise ZfnetError(f"downloaded weights from {url} failed the sha256 check: {str(e)[:160]}") from None
+        except Exception as e:  # no network, proxy, HTTP error: all mean "give us a file instead"
+            raise ZfnetError(f"cannot download weights from {url} ({type(e).__name__}); offline, pass "
+                             f"--weights FILE or set {WEIGHTS_ENV}=FILE") from None
+    return str(cached)
+
+
+def _read_state(path: str) -> tuple[dict, dict]:
+    """(state_dict, extras) from a plain state_dict or a zfnet checkpoint {"model": ..., "mean_image": ...}."""
+    obj = load_tensors(path, "weights file")
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj["model"], obj
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise ZfnetError(f"weights file {path} holds no state_dict")
+
+
+def _apply_key_map(state: dict, key_map: dict) -> dict:
+    if not key_map:
+        return state
+    out = {}
+    for k, v in state.items():
+        prefix, _, rest = k.rpartition(".")
+        out[f"{key_map.get(prefix, prefix)}.{rest}"] = v
+    return out
+
+
+def _load_state(model: nn.Module, state: dict, source: str, spec: str):
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch at {k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}")
+        raise ZfnetError(f"weights {source} do not fit model {spec}: {'; '.join(parts)}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes: int | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """Build a model by registry name or `package.module:factory` and load its weights.
+
+    Args:
+        spec: a name from MODELS, "package.module:factory", or an nn.Module (used as is).
+        weights: None (random init), "default" (the published weights: the file named by $ZFNET_WEIGHTS
+            if set, else downloaded once via torch.hub and hash-checked), a local path, or a URL.
+    Returns: the model in eval mode, with its weights record at `model.zfnet_weights`.
+    """
+    model = spec if isinstance(spec, nn.Module) else _build(spec, num_classes)
+    name = spec if isinstance(spec, str) else type(spec).__name__
+    record = WEIGHTS.get(name, Weights())
+    if record.categories is None and name in WEIGHTS:
+        record = replace(record, categories=imagenet_classes())
+    if weights == "default":
+        weights = os.environ.get(WEIGHTS_ENV) or record.url
+        if weights is None:
+            raise ZfnetError(f"model {name} has no published weights; pass --weights FILE")
+    if weights is not None:
+        weights = str(weights)
+        if weights.startswith(("http://", "https://", "file://")):
+            path = _fetch(weights, record.sha256 if weights == record.url else None)
+        else:
+            path = weights
+        state, extras = _read_state(path)
+        _load_state(model, _apply_key_map(state, record.key_map), weights, name)
+        if isinstance(extras.get("mean_image"), torch.Tensor):  # a zfnet training checkpoint
+            record = replace(record, preprocessing="paper", mean_image=extras["mean_image"])
+        if isinstance(extras.get("categories"), (list, tuple)):
+            record = replace(record, categories=tuple(extras["categories"]))
+    model.zfnet_weights = record
+    return model.to(device).eval()
+

@@ -1,0 +1,70 @@
+"""Pictures: display normalization of projections, image grids and PNG output (Figs. 1-7 style).
+
+Projections are signed and have no natural scale, so for display each is scaled symmetrically about
+zero (0 -> mid grey) by its own largest magnitude, as the paper's figures show them; the raw values are
+always saved beside the picture (.npy / .npz) for anyone who needs numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.results import atomic_path
+
+__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png"]
+
+
+def _hwc(x) -> np.ndarray:
+    a = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+        a = a.transpose(1, 2, 0)
+    if a.ndim == 2:
+        a = a[..., None]
+    return a
+
+
+def signed_to_rgb(x, eps: float = 1e-12) -> np.ndarray:
+    """A signed map (C, H, W) or (H, W, C) -> uint8 RGB, 0 at mid grey, +-max|x| at white/black per channel
+    jointly (one scale for the whole map, so colours keep their balance)."""
+    a = _hwc(x)
+    scale = max(float(np.abs(a).max()), eps)
+    a = 0.5 + 0.5 * a / scale
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, -1)
+    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def image_to_rgb(x) -> np.ndarray:
+    """An image in [0, 1] (C, H, W) or (H, W, C) -> uint8 RGB."""
+    a = _hwc(x)
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, -1)
+    return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def grid(tiles: Sequence[np.ndarray], ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """Tile uint8 RGB images (any sizes) into one image, row-major, each cell as large as the largest."""
+    if not tiles:
+        return np.full((1, 1, 3), fill, np.uint8)
+    h = max(t.shape[0] for t in tiles)
+    w = max(t.shape[1] for t in tiles)
+    nrow = (len(tiles) + ncol - 1) // ncol
+    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), fill, np.uint8)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y:y + t.shape[0], x:x + t.shape[1]] = t
+    return out
+
+
+def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a uint8 RGB (or grey) array as PNG, atomically."""
+    with atomic_path(path, suffix=".png") as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
+    return Path(path)
