@@ -5,20 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SAMPLES = SHARED / "data" / "imagenet-samples"
-SQUEEZENET_WEIGHTS = SHARED / "weights" / "squeezenet1_1.pth"
+from shared_data import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-
-
-def need_shared(path: Path) -> Path:
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{path} is missing: CI must run with ../shared beside the checkout")
-        pytest.skip(f"needs {path} (the shared data folder beside the checkout)")
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -406,8 +406,8 @@ def test_no_crop_after_global_ops():
 # The CLI, in-process.
 def test_cli_project_writes_pngs_and_raw_numbers(tmp_path, squeezenet, capsys):
     import numpy as np
-    from conftest import SQUEEZENET_WEIGHTS
     from PIL import Image
+    from shared_data import SQUEEZENET_WEIGHTS
 
     from zfnet.cli import main
     from zfnet.data.images import Preprocess, load_image

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
+from shared_data import SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.core.errors import ZfnetError

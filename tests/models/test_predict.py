@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
+from shared_data import SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.models.predict import predict, topk_accuracy

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import SQUEEZENET_WEIGHTS, need_shared
+from shared_data import SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.core.errors import ZfnetError
 from zfnet.models import weights as W

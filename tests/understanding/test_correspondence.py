@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, SQUEEZENET_WEIGHTS, need_shared
+from shared_data import SHARED, SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.core.errors import ZfnetError
 from zfnet.data.samples import sample_dir

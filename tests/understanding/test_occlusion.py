@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
+from shared_data import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.core.errors import ZfnetError
 from zfnet.data.images import Preprocess, load_image
