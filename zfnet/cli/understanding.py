@@ -11,17 +11,21 @@ from .common import add_model_args, command, csv_list, emit_json, load_from_args
 
 def _atlas_args(p):
     add_model_args(p)
-    p.add_argument("--data", default=None, help="image folder (default: the sample photos shipped with zfnet)")
+    p.add_argument("--data", default=None, help="image folder, class subfolders give labels (default: the 202 "
+                   "Caltech-101 demo photos shipped with zfnet)")
     p.add_argument("--layers", default=None, help="comma-separated layer names (default: the rectified conv "
                    "outputs; see `zfnet layers`)")
     p.add_argument("--k", type=int, default=9, help="top activations per feature map (default: %(default)s)")
+    p.add_argument("--per-image", type=int, default=1, help="locations one image may give a unit's top k "
+                   "(default: %(default)s: k distinct images)")
     p.add_argument("--out", default="atlas", help="result folder (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per mining pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
                    help="projection rule (default: the paper's deconvnet)")
-    p.add_argument("--tile", type=int, default=64, help="largest side of each picture in pixels (default: 64)")
+    p.add_argument("--tile", type=int, default=128, help="largest side of a tile in pixels; smaller receptive "
+                   "fields are enlarged up to it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print only the result summary as JSON on stdout")
 
 
@@ -29,25 +33,26 @@ def _atlas_args(p):
     _atlas_args)
 def _atlas(args):
     from ..core.distributed import init_distributed
-    from ..data.samples import sample_dir
+    from ..data.samples import demo_dir
     from ..understanding.atlas import atlas
 
     d, device = init_distributed(args.device)  # under torchrun: one GPU per process
     args.device = str(device)
     model = load_from_args(args)
     layers = csv_list(args.layers) if args.layers else None
-    data = args.data or str(sample_dir())
+    data = args.data or str(demo_dir())
     res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
                 progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
-                model_name=args.model, weights=args.weights)
+                model_name=args.model, weights=args.weights, per_image=args.per_image)
     if d.main:
         summary = {"out": str(res.out), "index": str(res.out / "index.html"), "images": res.mined.images,
-                   "layers": list(res.mined.layers), "skipped": len(res.mined.skipped),
+                   "layers": list(res.mined.layers), "units": sum(len(v) for v in res.meta["layers"].values()),
+                   "dead": {n: len(v) for n, v in res.dead.items()}, "skipped": len(res.mined.skipped),
                    "timing": res.meta.get("timing")}
         if args.json:
             emit_json(summary)
         else:
-            print(f"atlas of {res.mined.images} images, {len(res.mined.layers)} layers: {res.out / 'index.html'}")
+            print(res.summary())
         report_skipped(res.mined.skipped)
     return 0 if res.mined.images else 1
 

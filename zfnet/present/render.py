@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from ..core.results import atomic_path
 
-__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png"]
+__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png", "save_picture", "PICTURE_EXT"]
 
 
 def _hwc(x) -> np.ndarray:
@@ -68,3 +68,18 @@ def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format="PNG")
     return Path(path)
+
+
+# Photographic tiles and sprites: WebP where Pillow has it (about 30 % smaller than JPEG at the same
+# quality; every current browser shows it), JPEG otherwise.
+PICTURE_EXT = "webp" if features.check("webp") else "jpg"
+
+
+def save_picture(rgb: np.ndarray, path: str | os.PathLike, quality: int = 85) -> Path:
+    """Write a uint8 RGB array as a compact lossy picture (format from the suffix: .webp or .jpg), atomically."""
+    path = Path(path)
+    fmt = "WEBP" if path.suffix.lower() == ".webp" else "JPEG"
+    extra = {"method": 4} if fmt == "WEBP" else {"subsampling": 0, "optimize": True}
+    with atomic_path(path, suffix=path.suffix) as tmp:
+        Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format=fmt, quality=quality, **extra)
+    return path
