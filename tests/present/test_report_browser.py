@@ -107,7 +107,8 @@ def _check_page(page, url, min_images=1):
     assert bg["bad"] == [], f"{url}: tiles whose picture does not load: {bg['bad']}"
     assert page.evaluate("typeof window.PWNED") == "undefined"
     scripts = page.evaluate("Array.from(document.scripts).map(s => s.getAttribute('src'))")
-    assert [Path(s).name for s in scripts] == ["search.js", "atlas.js"]  # no inline script at all
+    assert all(scripts) and [Path(s).name for s in scripts][-2:] == ["search.js", "atlas.js"]  # none inline
+    assert {Path(s).name for s in scripts} <= {"search.js", "atlas.js", "sources.js", "relu1.js", "relu2.js"}
     return page.evaluate("Array.from(document.querySelectorAll('a[href]')).map(a => a.href)")
 
 
@@ -252,9 +253,10 @@ def test_tiles_have_one_size_per_layer(site, page):
         assert sizes == {(th, tw)}, (layer, sizes)
         page.goto((site / "layers" / f"{layer}.html").as_uri())
         thumbs = {tuple(s) for s in page.evaluate(
-            "Array.from(document.querySelectorAll('.unit .t')).map(t => { const r = t.getBoundingClientRect();"
-            " return [Math.round(r.height), Math.round(r.width)]; })")}
-        assert thumbs == {(THUMB, round(THUMB * tw / th))}, (layer, thumbs)
+            "Array.from(document.querySelectorAll('.unit .t, .unit img.sprite')).map(t => {"
+            " const r = t.getBoundingClientRect(); return [t.tagName, Math.round(r.height), Math.round(r.width)]; })")}
+        sprite = round(THUMB / th * (2 + 3 * (th + 2)))  # the 3 x 3 projections, at THUMB px a tile
+        assert thumbs == {("SPAN", THUMB, round(THUMB * tw / th)), ("IMG", sprite, sprite)}, (layer, thumbs)
 
 
 def test_report_needs_only_the_saved_results(site, tmp_path):

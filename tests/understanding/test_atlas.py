@@ -152,7 +152,8 @@ def test_dead_unit_sprite_is_blank_and_views_are_the_inputs(built):
     for i in {e["index"] for e in res.meta["layers"]["relu2"]["0"]}:
         view = np.asarray(Image.open(out / image_view(i)).convert("RGB")).astype(int)
         want = (PRE.unnormalize(ds[i][0]).permute(1, 2, 0).numpy() * 255 + 0.5).astype(int)
-        assert view.shape == want.shape and np.abs(view - want).mean() < 8
+        # JPEG of uniform noise (the worst case) is off by ~10 levels; another image would be by ~85
+        assert view.shape == want.shape and np.abs(view - want).mean() < 14
 
 
 def test_values_are_recomputed(built):

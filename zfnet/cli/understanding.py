@@ -24,7 +24,7 @@ def _atlas_args(p):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
                    help="projection rule (default: the paper's deconvnet)")
-    p.add_argument("--tile", type=int, default=128, help="largest side of a tile in pixels; smaller receptive "
+    p.add_argument("--tile", type=int, default=112, help="largest side of a tile in pixels; smaller receptive "
                    "fields are enlarged up to it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print only the result summary as JSON on stdout")
 

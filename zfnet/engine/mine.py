@@ -42,7 +42,7 @@ from ..data.images import Batches, ImageDataset, Preprocess
 from ..inspect.layers import feature_layers, run_with_taps, taps
 from .topk import NO_IMAGE, TopK, merge_topk
 
-__all__ = ["MineResult", "merge_topk", "mine", "model_fingerprint"]
+__all__ = ["MineResult", "merge_topk", "mine", "model_fingerprint", "shard_state"]
 
 STATE_VERSION = 2
 SAMPLE_BUDGET = 1 << 22  # per-image maxima kept for quantiles (float32: 16 MB), over all layers
@@ -242,6 +242,11 @@ def _gather(d: Dist, topk: TopK, stats: _Stats, preds: _Predictions, skipped: li
     return all_skipped, sum(e[1] for e in extra)
 
 
+def shard_state(state: str | os.PathLike, rank: int, world: int) -> Path:
+    """The state file of one process: STATE alone, STATE.rank<r>-of-<world> under torchrun."""
+    return Path(state) if world == 1 else Path(f"{state}.rank{rank}-of-{world}")
+
+
 def model_fingerprint(model: nn.Module) -> str:
     """A digest of a model's parameter names, shapes and values (sums), to tell runs of another model."""
     h = hashlib.sha256()
@@ -338,7 +343,7 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
     done, skipped, finished = 0, [], False
     state_path = None
     if state is not None:
-        state_path = Path(state) if world == 1 else Path(f"{state}.rank{rank}-of-{world}")
+        state_path = shard_state(state, rank, world)
         fp = _fingerprint(model, paths, layers, (k, per_image, positive, predict, rank, world),
                           transform if isinstance(transform, Preprocess) else Preprocess())
         if state_path.exists():

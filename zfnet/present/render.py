@@ -79,7 +79,7 @@ def save_picture(rgb: np.ndarray, path: str | os.PathLike, quality: int = 85) ->
     """Write a uint8 RGB array as a compact lossy picture (format from the suffix: .webp or .jpg), atomically."""
     path = Path(path)
     fmt = "WEBP" if path.suffix.lower() == ".webp" else "JPEG"
-    extra = {"method": 4} if fmt == "WEBP" else {"subsampling": 0, "optimize": True}
+    extra = {"method": 4} if fmt == "WEBP" else {"subsampling": 0, "optimize": True}  # 4:4:4 colour
     with atomic_path(path, suffix=path.suffix) as tmp:
         Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format=fmt, quality=quality, **extra)
     return path

@@ -4,7 +4,7 @@ A unit's field is a box of the input; at the border the box is clipped. Every ti
 layer's full field (at most the image) with the clipped box pasted where it lies inside the field, so
 the tiles of one layer all have one size and one scale: clipped fields are padded (PAD colour), never
 shrunk. The tile is then brought to a readable size: small fields are enlarged by an integer factor with
-nearest-neighbour (a 3 px field becomes 3 x 3 blocks of 32 x 32 px: nothing invented, every input pixel
+nearest-neighbour (a 3 px field becomes 3 x 3 blocks of 28 x 28 px: nothing invented, every input pixel
 visible), fields over `max_tile` pixels are reduced with an antialiased filter.
 
 Projections are shown per tile with 0 at mid grey and +-s at white / black (clipped beyond), where s is
@@ -42,7 +42,7 @@ class TileLayout:
     size: tuple[int, int]
 
     @classmethod
-    def for_field(cls, fh: int, fw: int, *, min_tile: int = 96, max_tile: int = 128) -> "TileLayout":
+    def for_field(cls, fh: int, fw: int, *, min_tile: int = 84, max_tile: int = 112) -> "TileLayout":
         """Enlarge by the integer factor that brings the longer side to at least `min_tile` (but not past
         `max_tile`); reduce fields longer than `max_tile` to it."""
         m = max(fh, fw)

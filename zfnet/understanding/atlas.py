@@ -9,6 +9,7 @@ writes into one result folder:
     result.json            schema 2: model, data, config, per layer/unit the top-k entries (image, value,
                            location, field box), per unit its statistics and class tags, dead units
     mine.npz               the mined arrays (value, image, y, x per layer, the top N), exact
+    mine-state.pt          while the run is not finished: the mining pass's resume state
     images/<index>.<ext>   each source image as the network saw it (the patches and field boxes come
                            from it)
     units/<unit>.<ext>     the unit's k deconvnet projections, 3 x 3, best first (row-major)
@@ -39,7 +40,7 @@ from ..core.errors import ZfnetError
 from ..core.progress import format_seconds, progress_bar
 from ..core.results import read_json, save_npz, write_json
 from ..data.images import ImageDataset, Preprocess
-from ..engine.mine import MineResult, mine, model_fingerprint
+from ..engine.mine import MineResult, mine, model_fingerprint, shard_state
 from ..inspect.layers import feature_layers, file_safe, layer_table
 from ..models.weights import model_meta
 from ..present.render import PICTURE_EXT
@@ -145,7 +146,7 @@ def _tags(ids: list[int], names, n: int = 3) -> list[list]:
 # ----------------------------------------------------------------------------------------------------
 def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | None = None, *, k: int = 9,
           batch_size: int = 32, preprocess: Preprocess | None = None, resume: bool = False,
-          progress: bool = True, workers: int = 0, tile: int = 128, mode: str = "deconv",
+          progress: bool = True, workers: int = 0, tile: int = 112, mode: str = "deconv",
           figure_units: int = 12, model_name: str | None = None, weights: str | None = None,
           site: bool = True, per_image: int = 1, top_n: int = 50, seed: int = 0,
           cache_bytes: int = 1 << 30) -> AtlasResult:
@@ -195,7 +196,8 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
                  workers=workers, per_image=per_image, predict=True)
     t_mine = time.time() - t0
     if rank == 0:
-        arrays = {f"{n}.{key}": t.numpy() for n, d in mined.layers.items() for key, t in d.items()}
+        arrays = {f"{n}.{key}": t.numpy() if key == "value" else t.int().numpy()  # indices fit 32 bits
+                  for n, d in mined.layers.items() for key, t in d.items()}
         arrays.update({f"{n}.fires": s["fires"].numpy() for n, s in mined.stats.items()})
         if mined.predictions is not None:
             arrays.update(predictions=mined.predictions.numpy(), confidence=mined.confidence.numpy())
@@ -270,6 +272,10 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
             from ..present.site import write_site
 
             write_site(out)
+    _barrier(world)
+    # Finished: the mining state has nothing left to resume (mine.npz keeps the mined arrays); a later
+    # --resume mines again and finds every picture done.
+    shard_state(state, rank, world).unlink(missing_ok=True)
     return result
 
 

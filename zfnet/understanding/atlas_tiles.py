@@ -105,7 +105,7 @@ class Inputs:
             x = self.get(i)
             if x is not None:
                 rgb = (self.display(x) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-                save_picture(rgb, path, quality=90)
+                save_picture(rgb, path, quality=85)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +139,8 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
     for c in channels:
         n = len(mined.top(layer, c, k))
         blank = np.full((*layout.size, 3), 255, np.uint8)
-        save_picture(sprite([tiles.get((c, j), blank) for j in range(n)], layout, k), out / unit_picture(layer, c))
+        save_picture(sprite([tiles.get((c, j), blank) for j in range(n)], layout, k), out / unit_picture(layer, c),
+                     quality=80)
     if bar is not None:
         bar.update(len(pairs))
     return len(pairs)
