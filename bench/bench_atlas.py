@@ -7,6 +7,7 @@ Prints the phases, the size of the atlas folder, and last ratio = atlas seconds 
 
     python bench/bench_atlas.py --demo       # `make demo`: the CLI over the 202 built-in photos, k=9;
                                              # target: under 3 minutes on a quiet 2-core machine
+    python bench/bench_atlas.py --demo --quick   # the same command on two small layers (checks the path)
     python bench/bench_atlas.py --quick      # 64 ImageNet photos, 2 small layers, k=3: < 2 min
     python bench/bench_atlas.py              # all 1000 ImageNet photos, all feature layers, k=9 (size
                                              # target: at most 60 MB)
@@ -66,6 +67,8 @@ def demo(args, model, weights: Path):
                "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "zfnet", "atlas", "--model", "squeezenet1_1", "--weights",
                str(weights) if weights.exists() else "none", "--k", "9", "--out", str(out)]
+        if args.quick:  # the code path only: two small layers
+            cmd += ["--layers", "features.1,features.3"]
         t = time.perf_counter()
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         t_demo = time.perf_counter() - t

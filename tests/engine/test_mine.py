@@ -90,7 +90,7 @@ def folder(tmp_path_factory):
 def test_equals_brute_force_with_ties(folder, k, batch_size, dtype):
     """float32 takes the packed-key path, float64 the three-stable-sorts path: both equal brute force."""
     model = Tiny(dtype)
-    res = mine(model, folder, LAYERS, k=k, batch_size=batch_size, preprocess=PRE, progress=False)
+    res = mine(model, folder, LAYERS, k=k, batch_size=batch_size, preprocess=PRE, progress=False, positive=True)
     brute = brute_force(model, folder, LAYERS, k, dtype)
     check_equal_brute(res, brute, LAYERS, k, {"relu1": 16, "relu2": 8, "fc": 1},
                       rtol=1e-9 if dtype == torch.float64 else 1e-6,  # float32: batch-dependent ulps
@@ -108,7 +108,8 @@ def test_equals_brute_force_with_ties(folder, k, batch_size, dtype):
 
 
 def test_top_k_is_k_distinct_images_and_never_non_positive(folder):
-    res = mine(Tiny(torch.float32), folder, LAYERS, k=9, batch_size=4, preprocess=PRE, progress=False)
+    res = mine(Tiny(torch.float32), folder, LAYERS, k=9, batch_size=4, preprocess=PRE, progress=False,
+               positive=True)
     for n in LAYERS:
         for c in range(res.layers[n]["value"].shape[0]):
             top = res.top(n, c)
@@ -116,18 +117,20 @@ def test_top_k_is_k_distinct_images_and_never_non_positive(folder):
             assert all(e["value"] > 0 for e in top)
 
 
-def test_positive_false_keeps_the_old_order(folder):
+def test_by_default_every_value_ranks(folder):
     model = Tiny()
-    res = mine(model, folder, ["relu1", "fc"], k=4, batch_size=3, preprocess=PRE, progress=False, positive=False)
+    res = mine(model, folder, ["relu1", "fc"], k=4, batch_size=3, preprocess=PRE, progress=False)
     brute = brute_force(model, folder, ["relu1", "fc"], 4, positive=False)
     check_equal_brute(res, brute, ["relu1", "fc"], 4, {"relu1": 16, "fc": 1})
     assert res.layers["relu1"]["image"][5].tolist() == [0, 1, 2, 3]  # all 0: ties go to the lower index
+    assert res.dead("relu1") == [5]  # still dead: its best is 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_several_locations_per_image_equal_brute_force(folder, dtype):
     model = Tiny(dtype)
-    res = mine(model, folder, LAYERS, k=12, batch_size=5, preprocess=PRE, progress=False, per_image=3)
+    res = mine(model, folder, LAYERS, k=12, batch_size=5, preprocess=PRE, progress=False, per_image=3,
+               positive=True)
     brute = brute_force(model, folder, LAYERS, 12, dtype, per_image=3)
     check_equal_brute(res, brute, LAYERS, 12, {"relu1": 16, "relu2": 8, "fc": 1},
                       rtol=1e-9 if dtype == torch.float64 else 1e-6, atol=0 if dtype == torch.float64 else 1e-6)

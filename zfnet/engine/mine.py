@@ -4,8 +4,8 @@ For each requested layer and channel we keep the k strongest positive activation
 the image and the location of each. By default an image contributes one entry per channel (its spatial
 maximum, at the first maximal location in row-major order), so a unit's top k are k distinct images, as
 the paper's "top 9 activations across the validation data"; `per_image=m` allows up to m locations per
-image (the m strongest local maxima of its map). Values <= 0 are never entries: a unit that never fires
-has none ("dead").
+image (the m strongest local maxima of its map). With `positive=True` (the atlas) values <= 0 are never
+entries: a unit that never fires has none ("dead").
 
 One streaming pass: every requested layer is read in ONE forward pass (taps with a reduce, so full maps
 are never kept) and merged into running top-k buffers (zfnet.engine.topk), so memory is O(layers x
@@ -89,7 +89,8 @@ class MineResult:
 
     def dead(self, layer: str) -> list[int]:
         """Channels that never fire (no value > 0 on any image)."""
-        return torch.nonzero(self.layers[layer]["image"][:, 0] < 0).flatten().tolist()
+        d = self.layers[layer]
+        return torch.nonzero((d["image"][:, 0] < 0) | ~(d["value"][:, 0] > 0)).flatten().tolist()
 
     def quantiles(self, layer: str, q: list[float]) -> torch.Tensor | None:
         """(C, len(q)) quantiles of each unit's per-image maximum over the sampled images (None without)."""
@@ -293,7 +294,7 @@ def _load_state(path: Path, fp: str, topk: TopK, stats: _Stats, preds: _Predicti
 # ----------------------------------------------------------------------------------------------------
 def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9, batch_size: int = 32,
          preprocess: Preprocess | None = None, state: str | os.PathLike | None = None, progress: bool = True,
-         workers: int = 0, save_every: int = 10, per_image: int = 1, positive: bool = True,
+         workers: int = 0, save_every: int = 10, per_image: int = 1, positive: bool = False,
          predict: bool = False) -> MineResult:
     """Stream a dataset once and keep, per (layer, channel), the k strongest activations.
 
@@ -307,7 +308,8 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
             `save_every` batches and at the end. Under torchrun each rank uses STATE.rank<r>-of-<world>.
         workers: DataLoader worker processes for decoding.
         per_image: locations an image may contribute per channel (1: k distinct images).
-        positive: keep only values > 0 (False: the k largest values, whatever their sign).
+        positive: keep only values > 0, so that a unit that never fires has no entry (the atlas); False:
+            the k largest values, whatever their sign.
         predict: also run the whole model and record every image's top-1 class (`predictions`).
     Returns: MineResult (identical on every rank when distributed).
     """

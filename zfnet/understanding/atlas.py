@@ -193,7 +193,7 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
         _clear_pictures(out)
     _barrier(world)
     mined = mine(model, dataset, layers, k=max(k, top_n), batch_size=batch_size, state=state, progress=progress,
-                 workers=workers, per_image=per_image, predict=True)
+                 workers=workers, per_image=per_image, positive=True, predict=True)
     t_mine = time.time() - t0
     if rank == 0:
         arrays = {f"{n}.{key}": t.numpy() if key == "value" else t.int().numpy()  # indices fit 32 bits
