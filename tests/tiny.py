@@ -1,6 +1,9 @@
-"""Tiny models and image folders shared by tests in several folders (mining, atlas, site)."""
+"""Tiny models and image files shared by tests in several folders (mining, atlas, site, CLI)."""
 
 import shutil
+import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,3 +53,14 @@ def make_folder(root, n=13, seed=0):
     for dup in (7, 11):  # identical files: equal values, so the lower index must come first
         shutil.copy(root / "img02.png", root / f"img{dup:02d}.png")
     return root
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height over one compressed row: bytes on disk, gigabytes decoded
+    (a decompression bomb's shape)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path

@@ -9,6 +9,9 @@ shorter side 256, centre 224, RGB/255, per-channel mean/std.
 from __future__ import annotations
 
 import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +23,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image", "list_images", "Preprocess", "ImageDataset", "collate",
-           "ten_crop", "Batches", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_ASPECT", "load_image", "check_image_size", "list_images",
+           "Preprocess", "ImageDataset", "collate", "ten_crop", "Batches", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,21 +35,59 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode any common image file to 8-bit RGB, upright (EXIF orientation applied).
 
     Handles grayscale, palette (with transparency), RGBA/LA (composited on white), CMYK, 16-bit and
-    32-bit integer/float images. Raises ZfnetError naming the file when it cannot be read.
+    32-bit integer/float images. Raises ZfnetError naming the file when it cannot be read, and, from the
+    header alone (before anything large is allocated), when it is too large to decode (more than
+    MAX_PIXELS pixels) or too elongated (longer side above MAX_ASPECT times the shorter one: resizing its
+    shorter side to 256 would make the other side enormous).
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        if path.exists() and not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+            raise ZfnetError(f"cannot read image {path}: not a regular file (a pipe, socket or device)")
+        with warnings.catch_warnings():  # PIL warns between 1x and 2x its limit; we refuse from 1x
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im_file = Image.open(path)
+        with im_file as im:
+            check_image_size(im.size, path)
             im.load()
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except FileNotFoundError:
-        raise ZfnetError(f"image not found: {path}") from None
+        what = "broken link" if path.is_symlink() else "image not found"
+        raise ZfnetError(f"{what}: {path}") from None
     except IsADirectoryError:
         raise ZfnetError(f"{path} is a folder, not an image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except PermissionError:
+        raise ZfnetError(f"cannot read image {path}: permission denied") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            MemoryError) as e:
+        if isinstance(e, Image.DecompressionBombError):  # PIL's own check, at twice its limit
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            size = f" ({int(n.group(1)) / 1e6:.0f} Mpx)" if n else ""
+            raise ZfnetError(f"image {path} is too large{size}: above the {MAX_PIXELS / 1e6:.0f} Mpx zfnet decodes "
+                             f"(PIL's decompression-bomb limit); downscale it first") from None
         reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(e).split("\n")[0][:120]
-        raise ZfnetError(f"cannot read image {path}: {reason}") from None
+        raise ZfnetError(f"cannot read image {path}: {reason or type(e).__name__}") from None
+
+
+MAX_PIXELS = 89_478_485  # PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): 268 MB as 8-bit RGB
+MAX_ASPECT = 20.0  # the longest real photos (panoramas) stay below; at 256 px the other side is 5,120 px
+
+
+def check_image_size(size: tuple[int, int], path: str | os.PathLike = "image") -> None:
+    """Refuse, naming the file, an image of `size` (width, height) that cannot be decoded and resized in
+    bounded memory: more than MAX_PIXELS pixels, or an aspect ratio above MAX_ASPECT:1 (crop it first)."""
+    w, h = int(size[0]), int(size[1])
+    if w < 1 or h < 1:
+        raise ZfnetError(f"image {path} has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ZfnetError(f"image {path} is too large ({w}x{h}, {w * h / 1e6:.0f} Mpx): above the "
+                         f"{MAX_PIXELS / 1e6:.0f} Mpx zfnet decodes (PIL's decompression-bomb limit); "
+                         f"downscale it first")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ZfnetError(f"image {path} is {w}x{h}: an aspect ratio above {MAX_ASPECT:g}:1 (resized, its "
+                         f"shorter side would make the longer one {int(256 * max(w, h) / min(w, h)):,} px); "
+                         f"crop it first")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -66,29 +107,57 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _named_like_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _listdir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as e:
+        raise ZfnetError(f"cannot list folder {folder}: {e.strerror or type(e).__name__}") from None
+
+
 def list_images(root: str | os.PathLike) -> tuple[list[Path], list[int] | None, list[str] | None]:
     """Files of an image folder, sorted: (paths, labels, class names).
 
     A folder of class subfolders gives labels by sorted subfolder name; a flat folder (or a single file)
-    gives labels None. Files are chosen by extension; unreadable ones are found later, at decoding.
+    gives labels None. Entries are chosen by extension: anything named like an image is listed, also what
+    is not a readable file (a broken link, a folder named x.jpg, a file without read permission), so that
+    decoding fails on it and the batch job lists it among the skipped, never dropping it silently.
     """
     root = Path(root)
     if root.is_file():
         return [root], None, None
     if not root.is_dir():
-        raise ZfnetError(f"no such file or folder: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        what = "broken link" if root.is_symlink() else "no such file or folder"
+        raise ZfnetError(f"{what}: {root}")
+    entries = _listdir(root)
+    flat = [p for p in entries if _named_like_image(p)]
+    subdirs = [d for d in entries if d.is_dir() and not _named_like_image(d) and not d.name.startswith(".")]
     if subdirs and not flat:
         paths, labels = [], []
         for i, d in enumerate(subdirs):
-            files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = _walk(d)
             paths += files
             labels += [i] * len(files)
         return paths, labels, [d.name for d in subdirs]
     if not flat:
         raise ZfnetError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return flat, None, None
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Everything named like an image below `folder`, sorted (links to folders are not followed)."""
+    out = []
+    for p in _listdir(folder):
+        if _named_like_image(p):
+            out.append(p)
+            if p.is_symlink() or not p.is_dir():
+                continue
+        if p.is_dir() and not p.is_symlink():
+            out += _walk(p)
+    return sorted(out)
 
 
 def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:

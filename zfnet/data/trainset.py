@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.progress import progress_bar
 from .images import _center_crop, _resize_shorter, _to_tensor, collate, load_image, ten_crop
 
@@ -139,5 +139,5 @@ def mean_image(ds: TrainImages, d, batch_size: int, workers: int, progress: bool
     total, n, bad = stats[:total.numel()].view_as(total), stats[total.numel()].item(), stats[total.numel() + 1:]
     ds.mode = mode
     if n == 0:
-        raise ZfnetError("none of the training images could be read")
+        raise NoInputError("none of the training images could be read (each listed above)")
     return (total / n).float(), [i for i in range(len(ds)) if bad[i] > 0]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.distributed import Dist, init_distributed
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.results import atomic_path, load_tensors
 from ..data.images import Batches, ImageDataset, Preprocess
 from ..inspect.layers import feature_layers, run_with_taps, taps
@@ -391,7 +391,7 @@ def mine(model: nn.Module, data, layers: list[str] | None = None, *, k: int = 9,
     result_layers, result_stats = {}, {}
     for name in layers:
         if name not in topk:
-            raise ZfnetError(f"no readable image in {root or 'the dataset'} ({len(skipped)} skipped)")
+            raise NoInputError(f"no readable image in {root or 'the dataset'} ({len(skipped)} skipped)", skipped)
         v, i, lc = (t.cpu() for t in topk.get(name))
         W = topk.sizes[name][1]
         none = i == NO_IMAGE

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.progress import progress_bar
 from ..core.results import atomic_path, text_table, write_json
 from .features import Features, extract_features
@@ -66,9 +66,22 @@ def _summary(accs: list[float], Cs: list[float] | None = None) -> dict:
 
 def _labelled(features: Features) -> np.ndarray:
     y = np.asarray(features.labels)
+    if len(y) == 0 and features.skipped:
+        raise NoInputError(f"no readable image ({len(features.skipped)} could not be read)", features.skipped)
     if len(y) == 0 or (y < 0).all():
         raise ZfnetError("probes need labelled images: a data folder with one subfolder per class")
     return y
+
+
+def _folds(features: Features, labels, per_class: int, **kw) -> list:
+    """caltech_folds over the readable images; when too few are left because some could not be read, the
+    error carries those (NoInputError: the CLI lists them)."""
+    try:
+        return caltech_folds(labels, per_class, classes=features.classes, **kw)
+    except ZfnetError as e:
+        if not features.skipped:
+            raise
+        raise NoInputError(f"{e}; {len(features.skipped)} image(s) could not be read", features.skipped) from None
 
 
 def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = None, *, pool: str | None = None,
@@ -79,7 +92,7 @@ def probe_layers_accuracy(features: Features, layers: Sequence[str] | None = Non
 
     y = _labelled(features)
     layers = list(layers or features.layers)
-    splits = caltech_folds(y, per_class, max_test=max_test, folds=folds, seed=seed, classes=features.classes)
+    splits = _folds(features, y, per_class, max_test=max_test, folds=folds, seed=seed)
     scores: dict = {}
     bar = progress_bar(total=len(layers) * len(classifiers) * folds, desc="probes", enabled=progress)
     try:
@@ -115,7 +128,7 @@ def fewshot_curve(features: Features, layer: str, *, pool: str | None = None, cl
 
     y = _labelled(features)
     ns = sorted({int(n) for n in per_class})
-    splits = caltech_folds(y, max(ns), max_test=max_test, folds=folds, seed=seed, classes=features.classes)
+    splits = _folds(features, y, max(ns), max_test=max_test, folds=folds, seed=seed)
     X = features.get(layer, pool)
     out = {"layer": layer, "pool": pool, "classifier": classifier, "per_class": ns, "mean": [], "std": [],
            "folds": [], "C": []}
@@ -188,8 +201,7 @@ def run_probe(model: torch.nn.Module, data, out: str | Path, *, layers: Sequence
     if scratch:
         kw = dict(scratch)
         spec = kw.pop("model")
-        splits = caltech_folds(feats.labels, per_class, max_test=max_test, folds=folds, seed=seed,
-                               classes=feats.classes)
+        splits = _folds(feats, feats.labels, per_class, max_test=max_test, folds=folds, seed=seed)
         result.scratch = scratch_baseline(spec, feats.paths, feats.labels, splits, seed=seed, progress=progress,
                                           **kw)
     result.config["seconds"] = {"features": round(t1 - t0, 1), "probes": round(t2 - t1, 1),
@@ -218,8 +230,7 @@ def run_fewshot(model: torch.nn.Module, data, out: str | Path, *, layers: Sequen
     if scratch:
         kw = dict(scratch)
         spec = kw.pop("model")
-        splits = caltech_folds(feats.labels, max(ns), max_test=max_test, folds=folds, seed=seed,
-                               classes=feats.classes)
+        splits = _folds(feats, feats.labels, max(ns), max_test=max_test, folds=folds, seed=seed)
         curve = {"per_class": ns, "mean": [], "std": [], "folds": []}
         images = decode_all(feats.paths, kw.get("size", 64), progress)
         for n in ns:

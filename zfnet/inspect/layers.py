@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn as nn
 
-from ..core.errors import ZfnetError
+from ..core.errors import ZfnetError, unknown_layer
 from ..core.results import text_table
 from .fields import Field, FieldTracker, Geom, pair
 
@@ -72,7 +72,7 @@ class LayerTable:
 
     def __getitem__(self, name: str) -> LayerInfo:
         if name not in self.layers:
-            raise ZfnetError(f"unknown layer {name!r}; valid layers: {', '.join(self.layers)}")
+            raise unknown_layer(name, self.layers)
         return self.layers[name]
 
     def __contains__(self, name: str) -> bool:
@@ -218,8 +218,7 @@ def taps(model: nn.Module, names: Iterable[str], *, detach: bool = True, stop: b
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules or not n]
     if missing:
-        valid = ", ".join(n for n in modules if n)
-        raise ZfnetError(f"unknown layer {missing[0]!r}; valid layers: {valid}")
+        raise unknown_layer(missing[0], modules)
     # A conv followed by an in-place ReLU would have its stored output overwritten: clone those.
     inplace = any(getattr(m, "inplace", False) for m in modules.values())
     out: dict = {}

@@ -22,7 +22,8 @@ from ..core.errors import ZfnetError
 from ..core.results import load_tensors
 from .networks import ALEXNET_TORCHVISION_KEYS, alexnet, squeezenet1_1, zfnet
 
-__all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "WEIGHTS_ENV"]
+__all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "WEIGHTS_ENV",
+           "check_finite"]
 
 WEIGHTS_ENV = "ZFNET_WEIGHTS"  # names a local weights file when there is no internet
 
@@ -76,21 +77,37 @@ def model_meta(model: nn.Module) -> Weights:
     return getattr(model, "zfnet_weights", None) or Weights()
 
 
+_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
 def _build(spec: str, num_classes: int | None) -> nn.Module:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if spec in MODELS:
         return MODELS[spec](**kwargs)
     if ":" in spec:
+        if not _FACTORY.match(spec):
+            raise ZfnetError(f"bad model {spec!r}: expected package.module:factory (e.g. mypkg.nets:resnet), "
+                             f"or one of {', '.join(MODELS)}")
         mod_name, _, attr = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise ZfnetError(f"cannot import model factory {spec!r}: {e}") from None
-        model = factory(**kwargs)
+        except Exception as e:  # the user's module fails while it is imported
+            raise ZfnetError(f"importing model factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
+        try:
+            model = factory(**kwargs)
+        except Exception as e:  # the user's code: report it as theirs (the traceback under --debug)
+            raise ZfnetError(f"model factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
         if not isinstance(model, nn.Module):
             raise ZfnetError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
         return model
     raise ZfnetError(f"unknown model {spec!r}; known: {', '.join(MODELS)}, or package.module:factory")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else "(no message)"
 
 
 def _fetch(url: str, sha256: str | None) -> str:
@@ -154,14 +171,31 @@ def _load_state(model: nn.Module, state: dict, source: str, spec: str):
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def check_finite(state: dict, source: str, allow: bool = False) -> list[str]:
+    """The names of the tensors in `state` holding NaN or Infinity; unless `allow`, a ZfnetError naming them
+    (a diverged training run or a corrupted file: every output of the model would be NaN)."""
+    bad = []
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            counts = {"NaN": int(torch.isnan(v).sum()), "Inf": int(torch.isinf(v).sum())}
+            bad.append(f"{k} ({', '.join(f'{n} {kind}' for kind, n in counts.items() if n)})")
+    if bad and not allow:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ZfnetError(f"weights {source} hold NaN or Infinity in {len(bad)} tensor(s): {', '.join(bad[:3])}"
+                         f"{more}; pass --allow-nonfinite-weights (load_model(..., allow_nonfinite=True)) to load "
+                         f"them anyway")
+    return bad
+
+
 def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes: int | None = None,
-               device: str | torch.device = "cpu") -> nn.Module:
+               device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> nn.Module:
     """Build a model by registry name or `package.module:factory` and load its weights.
 
     Args:
         spec: a name from MODELS, "package.module:factory", or an nn.Module (used as is).
         weights: None (random init), "default" (the published weights: the file named by $ZFNET_WEIGHTS
             if set, else downloaded once via torch.hub and hash-checked), a local path, or a URL.
+        allow_nonfinite: load weights holding NaN or Infinity (refused by default: every output would be NaN).
     Returns: the model in eval mode, with its weights record at `model.zfnet_weights`.
     """
     model = spec if isinstance(spec, nn.Module) else _build(spec, num_classes)
@@ -180,6 +214,7 @@ def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes
         else:
             path = weights
         state, extras = _read_state(path)
+        check_finite(state, weights, allow=allow_nonfinite)
         _load_state(model, _apply_key_map(state, record.key_map), weights, name)
         if isinstance(extras.get("mean_image"), torch.Tensor):  # a zfnet training checkpoint
             record = replace(record, preprocessing="paper", mean_image=extras["mean_image"])

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..core.errors import ZfnetError
 from ..core.results import atomic_path, load_tensors
 from ..data.images import Preprocess
-from ..models.weights import Weights, model_meta
+from ..models.weights import Weights, check_finite, model_meta
 from .networks import build_model
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest", "epoch_snapshots", "model_from_checkpoint",
@@ -64,12 +64,15 @@ def epoch_snapshots(run_dir: str | os.PathLike) -> dict[int, Path]:
     return dict(sorted(out.items()))
 
 
-def model_from_checkpoint(path_or_obj, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the trained model (any reduced input size / width) with its weights record, in eval mode."""
+def model_from_checkpoint(path_or_obj, device: str | torch.device = "cpu", allow_nonfinite: bool = False) -> nn.Module:
+    """Rebuild the trained model (any reduced input size / width) with its weights record, in eval mode
+    (weights holding NaN or Infinity refused unless `allow_nonfinite`, as in load_model)."""
     ck = load_checkpoint(path_or_obj) if not isinstance(path_or_obj, dict) else path_or_obj
     arch = ck.get("arch")
     if not isinstance(arch, dict):
         raise ZfnetError(f"{path_or_obj} has no 'arch' record; load it with load_model(spec, path) instead")
+    check_finite(ck["model"], str(path_or_obj) if not isinstance(path_or_obj, dict) else "checkpoint",
+                 allow=allow_nonfinite)
     model = build_model(arch)
     model.load_state_dict(ck["model"])
     cats = ck.get("categories")

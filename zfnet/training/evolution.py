@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.errors import ZfnetError
+from ..core.errors import ZfnetError, unknown_layer
 from ..core.results import save_npz, write_json
 from ..inspect.layers import feature_layers, layer_table
 from ..present.render import grid, save_png, signed_to_rgb
@@ -91,7 +91,7 @@ def evolution(run: str | Path, data, out: str | Path | None = None, *, epochs: l
     layers = list(layers or feature_layers(first, table))
     for name in layers:
         if name not in table:
-            raise ZfnetError(f"unknown layer {name!r}; layers: {', '.join(feature_layers(first, table))}")
+            raise unknown_layer(name, table.names())
     chosen = {}
     for name in layers:
         c = table[name].channels

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.results import text_table
 from ..inspect.layers import feature_layers, layer_table, penultimate_layer, run_with_taps
 
@@ -165,7 +165,7 @@ def correspondence(model: nn.Module, parts_file: str | Path, *, images_root: str
         files.append(str(e["file"]))
         centres.append(c)
     if len(xs) < 2:
-        raise ZfnetError(f"correspondence needs at least 2 readable images, got {len(xs)}")
+        raise NoInputError(f"correspondence needs at least 2 readable images, got {len(xs)}", skipped)
     device = next(model.parameters()).device
     x = torch.stack(xs).to(device)
     rng = np.random.default_rng(seed)

@@ -141,7 +141,8 @@ def invariance(model: nn.Module, images, *, labels: list[int] | None = None, lay
         except ZfnetError as e:
             skipped.append((path, str(e)))
             continue
-        batch = [pre.center(base)] + [pre.center(transform_image(base, k, v)) for k, vals in sweeps.items()
+        # .clone(): a crop is a view that would keep its whole transformed image alive until the stack
+        batch = [pre.center(base)] + [pre.center(transform_image(base, k, v)).clone() for k, vals in sweeps.items()
                                       for v in vals]
         x = torch.stack(batch).to(device)
         feats, outs = {name: [] for name in layers}, []
