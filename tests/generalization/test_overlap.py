@@ -106,6 +106,6 @@ def test_within_one_set_each_pair_once_and_bad_files_skipped(tmp_path, imagenet_
     pairs = json.loads(out.out)
     assert len(pairs) == 1 and set(pairs[0]) == {"a", "b", "score"} and "broken.jpg" in out.err
     assert main(["overlap", str(d), str(d), "--threshold", "2"]) == 2
-    assert "--threshold must be a correlation" in capsys.readouterr().err
+    assert "argument --threshold: must be in [-1, 1], got 2" in capsys.readouterr().err
     with pytest.raises(ZfnetError, match="no such file or folder"):
         find_overlap(tmp_path / "missing", d)

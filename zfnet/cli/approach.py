@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_model_args, command, emit_json, load_from_args
+from ..core.errors import ZfnetError
+from .common import add_model_args, command, emit_json, int_range, load_from_args, out_dir, unit_address
+
+MAX_TABLE_SIZE = 2048  # the probing pass keeps every layer's output: bounded memory
 
 
 def _layers_args(p):
     add_model_args(p)
-    p.add_argument("--size", type=int, default=224, help="input size in pixels (default: %(default)s)")
+    p.add_argument("--size", type=int_range(1, MAX_TABLE_SIZE), default=224,
+                   help=f"input size in pixels, 1..{MAX_TABLE_SIZE} (default: %(default)s)")
     p.add_argument("--json", action="store_true")
 
 
@@ -20,7 +24,12 @@ def _layers(args):
 
     if args.weights == "default":
         args.weights = None  # the table depends on the architecture only: never download for it
-    table = layer_table(load_from_args(args), args.size)
+    model = load_from_args(args)
+    try:
+        table = layer_table(model, args.size)
+    except RuntimeError as e:  # the model's own ops refuse the input (too small for its kernels, ...)
+        raise ZfnetError(f"--size {args.size}: {args.model} cannot run on a {args.size}x{args.size} input: "
+                         f"{str(e).strip().splitlines()[0][:200]}") from e
     emit_json(table.to_json()) if args.json else print(table.format())
     return 0
 
@@ -28,7 +37,7 @@ def _layers(args):
 def _project_args(p):
     add_model_args(p)
     p.add_argument("image", metavar="IMAGE", help="an image file")
-    p.add_argument("--unit", action="append", default=None, metavar="LAYER:CH[@Y,X]",
+    p.add_argument("--unit", action="append", type=unit_address, default=None, metavar="LAYER:CH[@Y,X]",
                    help="unit to project, repeatable: a feature map (conv5:17, or a module name such as "
                         "features.12:3) or one activation (conv5:17@3,4). Default: the strongest feature map "
                         "of the deepest conv feature layer")
@@ -37,7 +46,7 @@ def _project_args(p):
                         "saliency = the plain gradient")
     p.add_argument("--backprop-norm", action="store_true",
                    help="backpropagate LRN instead of passing it through (deconv mode)")
-    p.add_argument("--out", required=True, help="output folder: one PNG per unit, named after the unit")
+    p.add_argument("--out", type=out_dir, required=True, help="output folder: one PNG per unit, named after the unit")
     p.add_argument("--save-npy", action="store_true",
                    help="also write input.npy (the preprocessed input, 1x3xHxW float32) and <unit>.npy "
                         "(the raw projection, same shape)")
@@ -59,7 +68,8 @@ def _project(args):
 
     image = load_image(args.image)  # ZfnetError naming the file if unreadable
     model = load_from_args(args)
-    x = Preprocess.for_model(model)(image).unsqueeze(0).to(next(model.parameters()).device)
+    param = next(model.parameters())
+    x = Preprocess.for_model(model)(image).unsqueeze(0).to(param.device, param.dtype)
     table = layer_table(model, tuple(x.shape[-2:]))
     units = [parse_unit(u, table) for u in args.unit] if args.unit else [strongest_map(model, x)]
     proj = project(model, x, units, args.mode, backprop_norm=args.backprop_norm)[0]  # (U, 3, H, W)

@@ -3,10 +3,29 @@ model, and what training lets you see (Fig. 4, Fig. 6, Table 3)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
-from ..core.errors import ZfnetError
-from .common import add_model_args, command, csv_list, device_from_args, emit_json, load_from_args, report_skipped
+from .common import (
+    add_layers_arg,
+    add_list_arg,
+    add_model_args,
+    choice,
+    command,
+    device_name,
+    emit_json,
+    float_range,
+    fraction,
+    int_range,
+    load_from_args,
+    nonnegative_float,
+    nonnegative_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    report_skipped,
+    resolve_device,
+)
 
 
 def _train_args(p):
@@ -17,6 +36,8 @@ def _train_args(p):
 def _train(args):
     from ..training.recipe import main
 
+    if args.device:
+        resolve_device(args.device)  # one line if this machine lacks it
     result = main(config_from_args(args))
     return 0 if result["epochs"] else 1
 
@@ -25,7 +46,7 @@ def _predict_args(p):
     add_model_args(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR",
                    help="images or folders (default: the sample photos shipped with zfnet)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (paper Sec. 3)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
@@ -46,27 +67,15 @@ def _predict(args):
             print(p.file)
             for t in p.top5:
                 print(f"  {t['prob']:6.1%}  {t['label']} ({t['index']})")
-    report_skipped(result.skipped)
-    return 0 if result.predictions or not result.skipped else 1
-
-
-def _trained_model(args):
-    """--model auto: rebuild a `zfnet train` checkpoint (any reduced width / input size) from its record."""
-    if args.model != "auto":
-        return load_from_args(args)
-    from ..training.checkpoints import model_from_checkpoint
-
-    if args.weights in (None, "none", "default"):
-        raise ZfnetError("--model auto needs --weights CHECKPOINT (a zfnet train checkpoint.pth / epoch_NNN.pth)")
-    return model_from_checkpoint(args.weights, device_from_args(args))
+    return report_skipped(result.skipped, len(result.predictions))
 
 
 def _diagnose_args(p):
     add_model_args(p, default_model="auto")
     p.add_argument("--data", default=None, help="image folder for never-active filters and layer-2 features")
-    p.add_argument("--out", required=True, help="result folder (result.json, arrays.npz, PNGs)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images of --data")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", type=out_dir, required=True, help="result folder (result.json, arrays.npz, PNGs)")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images of --data")
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -75,7 +84,7 @@ def _diagnose_args(p):
 def _diagnose(args):
     from ..training.diagnosis import diagnose
 
-    model = _trained_model(args)
+    model = load_from_args(args)
     d = diagnose(model, args.data, args.out, max_images=args.max_images, batch_size=args.batch_size,
                  progress=not args.json, config={"model": args.model, "weights": args.weights, "data": args.data})
     result = d.to_json()
@@ -97,13 +106,15 @@ def _diagnose(args):
 def _evolution_args(p):
     p.add_argument("--run", dest="run_dir", required=True, help="a `zfnet train` run folder (epoch_NNN.pth snapshots)")
     p.add_argument("--data", required=True, help="image folder searched for each unit's strongest activation")
-    p.add_argument("--out", required=True, help="result folder (result.json, evolution_<layer>.png)")
-    p.add_argument("--epochs", default=None, help="comma-separated epochs (default: 8 spread over the run)")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: all rectified conv layers)")
-    p.add_argument("--units", type=int, default=6, help="units per layer, evenly spaced (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images of --data")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=out_dir, required=True, help="result folder (result.json, evolution_<layer>.png)")
+    add_list_arg(p, "--epochs", nonnegative_int, default=None, help="epochs, `1,5,10` or `1 5 10` (default: 8 "
+                 "spread over the run)")
+    add_layers_arg(p, "layers (default: all rectified conv layers)")
+    p.add_argument("--units", type=positive_int, default=6,
+                   help="units per layer, evenly spaced (default: %(default)s)")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images of --data")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
 
 
@@ -111,10 +122,8 @@ def _evolution_args(p):
 def _evolution(args):
     from ..training.evolution import evolution
 
-    ints = csv_list(args.epochs, int) if args.epochs else None
-    layers = csv_list(args.layers) if args.layers else None
-    ev = evolution(args.run_dir, args.data, args.out, epochs=ints, layers=layers, units=args.units,
-                   max_images=args.max_images, batch_size=args.batch_size, device=args.device,
+    ev = evolution(args.run_dir, args.data, args.out, epochs=args.epochs, layers=args.layers, units=args.units,
+                   max_images=args.max_images, batch_size=args.batch_size, device=resolve_device(args.device),
                    progress=not args.json)
     if args.json:
         emit_json(ev.to_json())
@@ -125,7 +134,7 @@ def _evolution(args):
 
 
 def _ablate_args(p):
-    p.add_argument("--variants", default=None, help="comma-separated Table 3 variants (default: all)")
+    add_list_arg(p, "--variants", default=None, help="Table 3 variants, `a,b` or `a b` (default: all)")
     add_config_args(p, skip=("model",))
 
 
@@ -133,14 +142,28 @@ def _ablate_args(p):
 def _ablate(args):
     from ..training.ablation import ablate, format_table
 
-    variants = csv_list(args.variants) if args.variants else None
-    result = ablate(config_from_args(args), variants)
+    if args.device:
+        resolve_device(args.device)
+    result = ablate(config_from_args(args), args.variants)
     print(format_table(result["variants"]))
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command-line options, generated from TrainConfig so the two never disagree.
+# Command-line options, generated from TrainConfig so the two never disagree; each field's values are
+# checked by its type from zfnet.cli.common (a field not listed takes its annotation's plain type).
+_CROPS = choice("ten", "center")
+_CONFIG_TYPES = {
+    "epochs": positive_int, "batch_size": positive_int, "resize": positive_int, "crop": positive_int,
+    "train_per_class": positive_int, "fc": positive_int, "workers": nonnegative_int, "threads": positive_int,
+    "lr": positive_float, "momentum": fraction, "weight_decay": nonnegative_float,
+    "lr_factor": float_range(0.0, 1.0, lo_open=True), "lr_patience": nonnegative_int,
+    "clip_radius": nonnegative_float, "dropout": fraction, "init_std": nonnegative_float,
+    "budget_minutes": nonnegative_float, "seed": int_range(), "split_seed": int_range(),
+    "device": device_name, "val_crops": _CROPS, "epoch_val_crops": _CROPS, "out": out_dir,
+}
+
+
 def add_config_args(p, skip: tuple = ()) -> None:
     from ..training.recipe import TrainConfig
 
@@ -152,10 +175,11 @@ def add_config_args(p, skip: tuple = ()) -> None:
         if f.type in ("bool", bool):
             p.add_argument(opt, type=_bool, default=default, metavar="yes|no", help=f"(default: {default})")
         elif f.name == "widths":
-            p.add_argument(opt, type=_ints, default=None, metavar="C1,C2,C3,C4,C5",
+            p.add_argument(opt, type=_widths, default=None, metavar="C1,C2,C3,C4,C5",
                            help="conv1..conv5 widths (default: 96,256,384,384,256)")
         else:
-            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            kind = _CONFIG_TYPES.get(f.name) or {"int": int, "float": float, "int | None": int,
+                                                  "float | None": float}.get(str(f.type), str)
             p.add_argument(opt, type=kind, default=default, help=f"(default: {default})")
 
 
@@ -171,8 +195,11 @@ def _bool(s: str) -> bool:
         return True
     if s.lower() in ("0", "no", "false", "off"):
         return False
-    raise ValueError(s)
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {s!r}")
 
 
-def _ints(s: str) -> tuple:
-    return tuple(int(v) for v in s.split(","))
+def _widths(s: str) -> tuple:
+    widths = tuple(positive_int(v) for v in str(s).split(","))
+    if len(widths) != 5:
+        raise argparse.ArgumentTypeError(f"expected 5 widths (conv1..conv5), got {len(widths)}")
+    return widths

@@ -5,27 +5,42 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..core.errors import ZfnetError
-from .common import add_model_args, command, csv_list, emit_json, load_from_args, report_skipped, write_result
+from .common import (
+    add_layers_arg,
+    add_list_arg,
+    add_model_args,
+    command,
+    emit_json,
+    finite_float,
+    int_range,
+    load_from_args,
+    nonnegative_int,
+    out_dir,
+    positive_int,
+    positive_sweep,
+    report_skipped,
+    resolve_device,
+    sweep,
+    write_result,
+)
 
 
 def _atlas_args(p):
     add_model_args(p)
     p.add_argument("--data", default=None, help="image folder, class subfolders give labels (default: the 202 "
                    "Caltech-101 demo photos shipped with zfnet)")
-    p.add_argument("--layers", default=None, help="comma-separated layer names (default: the rectified conv "
-                   "outputs; see `zfnet layers`)")
-    p.add_argument("--k", type=int, default=9, help="top activations per feature map (default: %(default)s)")
-    p.add_argument("--per-image", type=int, default=1, help="locations one image may give a unit's top k "
+    add_layers_arg(p, "layers to mine (default: the rectified conv outputs; see `zfnet layers`)")
+    p.add_argument("--k", type=positive_int, default=9, help="top activations per feature map (default: %(default)s)")
+    p.add_argument("--per-image", type=positive_int, default=1, help="locations one image may give a unit's top k "
                    "(default: %(default)s: k distinct images)")
-    p.add_argument("--out", default="atlas", help="result folder (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per mining pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes (default: %(default)s)")
+    p.add_argument("--out", type=out_dir, default="atlas", help="result folder (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per mining pass (default: %(default)s)")
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="image decoding processes (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--mode", default="deconv", choices=["deconv", "guided", "saliency"],
                    help="projection rule (default: the paper's deconvnet)")
-    p.add_argument("--tile", type=int, default=112, help="largest side of a tile in pixels; smaller receptive "
-                   "fields are enlarged up to it (default: %(default)s)")
+    p.add_argument("--tile", type=int_range(8, 1024), default=112, help="largest side of a tile in pixels, 8..1024; "
+                   "smaller receptive fields are enlarged up to it (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print only the result summary as JSON on stdout")
 
 
@@ -36,12 +51,13 @@ def _atlas(args):
     from ..data.samples import demo_dir
     from ..understanding.atlas import atlas
 
+    if args.device:
+        resolve_device(args.device)  # one line if this machine lacks it
     d, device = init_distributed(args.device)  # under torchrun: one GPU per process
     args.device = str(device)
     model = load_from_args(args)
-    layers = csv_list(args.layers) if args.layers else None
     data = args.data or str(demo_dir())
-    res = atlas(model, data, args.out, layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
+    res = atlas(model, data, args.out, args.layers, k=args.k, batch_size=args.batch_size, resume=args.resume,
                 progress=not args.json, workers=args.workers, tile=args.tile, mode=args.mode,
                 model_name=args.model, weights=args.weights, per_image=args.per_image)
     if d.main:
@@ -53,22 +69,25 @@ def _atlas(args):
             emit_json(summary)
         else:
             print(res.summary())
-        report_skipped(res.mined.skipped)
+        return report_skipped(res.mined.skipped, res.mined.images)
     return 0 if res.mined.images else 1
 
 
 def _occlude_args(p):
     add_model_args(p)
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--label", type=int, default=None, help="correct class index (default: the clean top-1)")
-    p.add_argument("--size", type=int, default=48, help="occluder side in input pixels (default: %(default)s)")
-    p.add_argument("--stride", type=int, default=16, help="occluder step in input pixels (default: %(default)s)")
-    p.add_argument("--fill", type=float, default=0.0,
+    p.add_argument("--label", type=nonnegative_int, default=None,
+                   help="correct class index (default: the clean top-1)")
+    p.add_argument("--size", type=positive_int, default=48,
+                   help="occluder side in input pixels (default: %(default)s)")
+    p.add_argument("--stride", type=positive_int, default=16,
+                   help="occluder step in input pixels (default: %(default)s)")
+    p.add_argument("--fill", type=finite_float, default=0.0,
                    help="occluder value after normalization; 0 = the preprocessing mean (default)")
     p.add_argument("--layer", default=None, help="layer whose strongest map is tracked (default: top conv layer)")
     p.add_argument("--method", default="incremental", choices=["incremental", "naive"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", required=True, help="result folder")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--out", type=out_dir, required=True, help="result folder")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
 
@@ -93,32 +112,20 @@ def _occlude(args):
     return 0
 
 
-def _floats(text):
-    """"a:b:step" (inclusive) or "v1,v2,..." -> floats."""
-
-    try:
-        if ":" in text:
-            a, b, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            n = int(round((b - a) / step))
-            return [round(a + i * step, 6) for i in range(n + 1)]
-        return csv_list(text, float)
-    except ValueError:
-        raise ZfnetError(f"bad sweep {text!r}: use START:STOP:STEP (step > 0) or V1,V2,...") from None
-
-
 def _invariance_args(p):
     add_model_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--label", type=int, nargs="+", default=None,
-                   help="true class of each image, in order (default: each image's unmodified top-1)")
-    p.add_argument("--layers", nargs="+", default=None, help="default: layer 1 and the penultimate layer")
-    p.add_argument("--translate", default="-60:60:10", help="vertical shifts in pixels (default: %(default)s)")
-    p.add_argument("--scale", default="1.0:1.8:0.1", help="zoom factors (default: %(default)s)")
-    p.add_argument("--rotate", default="0:360:15", help="angles in degrees (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="result folder")
+    add_list_arg(p, "--label", nonnegative_int, default=None,
+                 help="true class of each image, in order (default: each image's unmodified top-1)")
+    add_layers_arg(p, "layers whose features are compared (default: layer 1 and the penultimate layer)")
+    p.add_argument("--translate", type=sweep, default="-60:60:10", metavar="START:STOP:STEP|V1,V2,...",
+                   help="vertical shifts in pixels (default: %(default)s)")
+    p.add_argument("--scale", type=positive_sweep, default="1.0:1.8:0.1", metavar="START:STOP:STEP|V1,V2,...",
+                   help="zoom factors, > 0 (default: %(default)s)")
+    p.add_argument("--rotate", type=sweep, default="0:360:15", metavar="START:STOP:STEP|V1,V2,...",
+                   help="angles in degrees (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--out", type=out_dir, required=True, help="result folder")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
 
@@ -128,14 +135,15 @@ def _invariance(args):
     from ..understanding.invariance import invariance, render_invariance
 
     model = load_from_args(args)
-    sweeps = {k: _floats(getattr(args, k)) for k in ("translate", "scale", "rotate")}
+    sweeps = {k: getattr(args, k) for k in ("translate", "scale", "rotate")}
     r = invariance(model, args.images, labels=args.label, layers=args.layers, sweeps=sweeps,
                    batch_size=args.batch_size, progress=not args.json)
+    if not r.files:  # nothing to show: leave whatever an earlier run wrote in --out as it is
+        return report_skipped(r.skipped, 0)
     out = Path(args.out)
     result = r.to_json()
-    if r.files:
-        render_invariance(r, out / "invariance.png")
-        render_invariance(r, out / "invariance_raw.png", normalized=False)
+    render_invariance(r, out / "invariance.png")
+    render_invariance(r, out / "invariance_raw.png", normalized=False)
     if write_result(args, out, result, images=args.images):
         for k in r.sweeps:
             for name in r.layers:
@@ -143,8 +151,7 @@ def _invariance(args):
                 print(f"{k:9s} {name:14s} normalized distance at the sweep's end: "
                       + ", ".join(f"{v:.2f}" for v in d[:, -1]))
         print(f"wrote {out}/result.json, invariance.png, invariance_raw.png")
-    report_skipped(r.skipped)
-    return 0 if r.files else 1
+    return report_skipped(r.skipped, len(r.files))
 
 
 def _correspond_args(p):
@@ -153,13 +160,15 @@ def _correspond_args(p):
     p.add_argument("--images-root", default=None,
                    help="folder of the images (default: beside the parts file, else ../imagenet-samples "
                         "next to its folder)")
-    p.add_argument("--layers", nargs="+", default=None,
-                   help="default: the top conv layer and the penultimate layer")
-    p.add_argument("--part", nargs="+", default=None, help="parts to mask (default: all marked in every image)")
-    p.add_argument("--size", type=int, default=30, help="masking square side in input pixels (default: %(default)s)")
-    p.add_argument("--draws", type=int, default=10, help="random-position draws per image (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="result folder")
+    add_layers_arg(p, "layers whose sign changes are measured (default: the top conv layer and the penultimate "
+                   "layer)")
+    add_list_arg(p, "--part", default=None, help="parts to mask, `a,b` or `a b` (default: all marked in every image)")
+    p.add_argument("--size", type=positive_int, default=30,
+                   help="masking square side in input pixels (default: %(default)s)")
+    p.add_argument("--draws", type=int_range(1, 1000), default=10,
+                   help="random-position draws per image, 1..1000 (default: %(default)s)")
+    p.add_argument("--seed", type=int_range(), default=0)
+    p.add_argument("--out", type=out_dir, required=True, help="result folder")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
 
@@ -180,5 +189,4 @@ def _correspond(args):
     if write_result(args, out, r.to_json()):
         print(r.format())
         print(f"wrote {out}/result.json, table1.md, masks.png")
-    report_skipped(r.skipped)
-    return 0
+    return report_skipped(r.skipped, len(r.files))
