@@ -142,6 +142,8 @@ def test_a_user_factory_that_raises_is_reported_as_theirs(capsys, monkeypatch):
     line = one_error_line(err)
     assert line.startswith("zfnet: error: model factory cli_models:broken raised RuntimeError: CUDA driver too old")
     assert "--debug" in line
+    rc, _, err = run(capsys, ["layers", "--model", "sys:exit", "--weights", "none"])  # not the CLI's own exit
+    assert rc == 2 and "model factory sys:exit raised SystemExit" in one_error_line(err)
     for argv, env in [(["--debug", "layers"], None), (["layers", "--debug"], None), (["layers"], "1")]:
         if env:
             monkeypatch.setenv("ZFNET_DEBUG", env)

@@ -93,11 +93,11 @@ def _build(spec: str, num_classes: int | None) -> nn.Module:
             factory = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as e:
             raise ZfnetError(f"cannot import model factory {spec!r}: {e}") from None
-        except Exception as e:  # the user's module fails while it is imported
+        except (Exception, SystemExit) as e:  # the user's module fails while it is imported
             raise ZfnetError(f"importing model factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
         try:
             model = factory(**kwargs)
-        except Exception as e:  # the user's code: report it as theirs (the traceback under --debug)
+        except (Exception, SystemExit) as e:  # the user's code: report it as theirs (the traceback under --debug)
             raise ZfnetError(f"model factory {spec} raised {type(e).__name__}: {_first_line(e)}") from e
         if not isinstance(model, nn.Module):
             raise ZfnetError(f"model factory {spec!r} returned {type(model).__name__}, not an nn.Module")
