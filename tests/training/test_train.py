@@ -57,7 +57,8 @@ def cli_args(cfg: TrainConfig) -> list[str]:
             "--widths", ",".join(map(str, cfg.widths)), "--fc", str(cfg.fc), "--resize", str(cfg.resize),
             "--crop", str(cfg.crop), "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs),
             "--lr", str(cfg.lr), "--out", cfg.out, "--progress", "no", "--threads", "1",
-            "--dropout", str(cfg.dropout), "--cache", "no"]
+            "--dropout", str(cfg.dropout), "--cache", "no", "--lighting", str(cfg.lighting),
+            "--init-std", str(cfg.init_std)]
 
 
 def weights_of(path) -> dict:
@@ -183,22 +184,26 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path):
 
 def test_torchrun_two_processes_match_one(tmp_path):
     data = make_data(tmp_path / "data")
-    # no dropout (masks differ per process); crops depend only on (seed, epoch, image): 2 x 2 images = 1 x 4
-    one = tiny_cfg(data, tmp_path / "one", epochs=2, dropout=0.0)
+    # no dropout (masks differ per process); crops and PCA lighting depend only on (seed, epoch, image):
+    # 2 x 2 images = 1 x 4; the training-set statistics are sharded and summed
+    one = tiny_cfg(data, tmp_path / "one", epochs=2, dropout=0.0, lighting=0.1, init_std=0.0)
     main(one)
-    two = tiny_cfg(data, tmp_path / "two", epochs=2, dropout=0.0)
+    two = tiny_cfg(data, tmp_path / "two", epochs=2, dropout=0.0, lighting=0.1, init_std=0.0)
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "zfnet"] + cli_args(two),
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_checkpoint(Path(one.out) / "checkpoint.pth"), load_checkpoint(Path(two.out) / "checkpoint.pth")
     torch.testing.assert_close(a["mean_image"], b["mean_image"])
+    torch.testing.assert_close(a["train_stats"]["rgb_cov"], b["train_stats"]["rgb_cov"], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(a["model"]["conv1.weight"], load_checkpoint(Path(one.out) / "epoch_001.pth")["model"]
+                              ["conv1.weight"])  # it learns: the comparison means something
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4, msg=k)
     assert a["metrics"][-1]["val_images"] == b["metrics"][-1]["val_images"] == 6
     assert a["metrics"][-1]["val_top1_err"] == pytest.approx(b["metrics"][-1]["val_top1_err"])
     assert sorted(p.name for p in Path(two.out).iterdir()) == ["checkpoint.pth", "epoch_001.pth",
-                                                               "epoch_002.pth", "metrics.json"]
+                                                               "epoch_002.pth", "metrics.json", "train_stats.pth"]
 
 
 def test_unreadable_training_files_are_skipped_and_reported(tmp_path, capsys):

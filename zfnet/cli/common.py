@@ -259,14 +259,16 @@ def model_spec(text) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, default_model: str = "squeezenet1_1"):
+def add_model_args(p: argparse.ArgumentParser, default_model: str = "squeezenet1_1", several: bool = False):
+    """several: --weights may be given more than once (an ensemble; args.weights is then a list or None)."""
     p.add_argument("--model", type=model_spec, default=default_model,
                    help="registry name (zfnet, alexnet, alexnet2, alexnet_torchvision, squeezenet1_1), "
                         "package.module:factory, or auto (a `zfnet train` checkpoint given as --weights) "
                         "(default: %(default)s)")
-    p.add_argument("--weights", default="default",
+    p.add_argument("--weights", default=None if several else "default", action="append" if several else "store",
                    help="weights file or URL; 'default' = the published weights ($ZFNET_WEIGHTS if set, else "
-                        "downloaded once); 'none' = random init")
+                        "downloaded once); 'none' = random init" +
+                        ("; give it several times for an ensemble (softmax outputs averaged)" if several else ""))
     p.add_argument("--allow-nonfinite-weights", action="store_true",
                    help="load weights that hold NaN or Infinity (refused by default)")
     p.add_argument("--num-classes", type=positive_int, default=None, help="output classes (default: the model's)")

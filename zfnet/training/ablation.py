@@ -8,6 +8,7 @@ top-1, val top-1, val top-5.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from ..core.errors import ZfnetError
@@ -27,7 +28,12 @@ def ablate(cfg: TrainConfig, variants: list[str] | None = None) -> dict:
     out = Path(cfg.out)
     rows = []
     for v in variants:
-        run = dataclasses.replace(cfg, model=v, out=str(out / v))
+        removed = {f"{k}{n}" for n in TABLE3_VARIANTS[v].get("remove", ()) for k in ("conv", "fc")}
+        ones = tuple(n for n in cfg.bias_one if n not in removed)
+        if ones != cfg.bias_one:
+            print(f"zfnet: {v} has no {', '.join(sorted(set(cfg.bias_one) - set(ones)))}: its other biases start at 1",
+                  file=sys.stderr)
+        run = dataclasses.replace(cfg, model=v, out=str(out / v), bias_one=ones)
         history = main(run)["epochs"]
         last = history[-1] if history else {}
         rows.append({"variant": v, "changes": TABLE3_VARIANTS[v], "epochs": last.get("epoch"),

@@ -23,14 +23,19 @@ def filter_rms(weight: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(arch: dict) -> nn.Module:
-    """ZFNet / AlexNet / a Table 3 variant at the configured width, with its classifier sized for the
-    configured crop (the paper's fc6 sees 6x6 maps of 224 inputs; smaller inputs give smaller maps)."""
+    """ZFNet / AlexNet (dense or two-group) / a Table 3 variant at the configured width, with its classifier
+    sized for the configured crop (the paper's fc6 sees 6x6 maps of 224 inputs; smaller inputs give smaller
+    maps), initialized as the record says: weights N(0, init_std) (0: He normal), biases 1 in the layers
+    listed in `bias_one` (AlexNet's Sec. 5), 0 elsewhere."""
     name = arch["model"]
     kw = {"num_classes": int(arch["num_classes"]), "dropout": float(arch.get("dropout", 0.5))}
     if arch.get("fc"):
         kw["fc"] = int(arch["fc"])
-    if name == "alexnet":
-        model = alexnet(widths=tuple(arch["widths"]) if arch.get("widths") else None, **kw)
+    if name in ("alexnet", "alexnet2"):
+        widths = tuple(arch["widths"]) if arch.get("widths") else None
+        if name == "alexnet2" and widths and any(w % 2 for w in widths):
+            raise ZfnetError(f"alexnet2 splits every layer into two groups: widths {widths} must be even")
+        model = alexnet(widths=widths, groups=2 if name == "alexnet2" else 1, **kw)
     elif name in TABLE3_VARIANTS:
         variant = dict(TABLE3_VARIANTS[name], **kw)
         if arch.get("widths"):
@@ -42,7 +47,7 @@ def build_model(arch: dict) -> nn.Module:
             variant["widths"] = tuple(w)
         model = zfnet(**variant)
     else:
-        raise ZfnetError(f"unknown model {name!r}; use alexnet or one of {', '.join(TABLE3_VARIANTS)}")
+        raise ZfnetError(f"unknown model {name!r}; use alexnet, alexnet2 or one of {', '.join(TABLE3_VARIANTS)}")
     crop = int(arch.get("crop", 224))
     with torch.no_grad():  # size the first fully connected layer to what the conv stack gives at this crop
         x = torch.zeros(1, 3, crop, crop)
@@ -58,13 +63,17 @@ def build_model(arch: dict) -> nn.Module:
         if old.in_features != x.shape[1]:
             setattr(model, first_fc, nn.Linear(x.shape[1], old.out_features))
     std = float(arch.get("init_std", 1e-2))
-    for m in model.modules():  # Sec. 3: weights N(0, 1e-2), biases 0
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            if std > 0:
-                nn.init.normal_(m.weight, 0.0, std)
-            else:
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+    ones = set(arch.get("bias_one") or ())
+    layers = {n: m for n, m in model.named_children() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    if ones - set(layers):
+        raise ZfnetError(f"bias_one names {', '.join(sorted(ones - set(layers)))}, which {name} does not have "
+                         f"(its layers: {', '.join(layers)})")
+    for n, m in layers.items():  # ZF Sec. 3 / Krizhevsky Sec. 5: weights N(0, 1e-2)
+        if std > 0:
+            nn.init.normal_(m.weight, 0.0, std)
+        else:
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        nn.init.constant_(m.bias, 1.0 if n in ones else 0.0)
     return model
 
 

@@ -1,6 +1,7 @@
-"""The paper's training recipe (Sec. 3), resumable and torchrun-ready.
+"""The paper's training recipe (Sec. 3), and AlexNet's (Krizhevsky et al. 2012), resumable and torchrun-ready.
 
-`TrainConfig` holds the paper's defaults; `main(cfg)` trains, writing an atomic checkpoint every epoch
+`TrainConfig` (zfnet.training.settings) holds the settings, `TrainConfig.recipe("zfnet" | "alexnet")` either
+paper's; `main(cfg)` trains, writing an atomic checkpoint every epoch
 (resumed automatically: a run killed at any moment and restarted ends with the same weights) and a
 model-only snapshot per epoch for the feature-evolution figure (Fig. 4). Under `torchrun` it runs
 DistributedDataParallel (gloo on CPU, NCCL on GPU), detected from RANK / WORLD_SIZE / LOCAL_RANK, as
@@ -8,16 +9,18 @@ torchvision's references/classification/train.py does.
 
 Determinism: everything random is drawn from generators seeded by (seed, epoch[, image index]), not from
 a stream carried across epochs, so resuming at an epoch boundary reproduces the uninterrupted run
-exactly on CPU, and the global batches do not depend on the number of processes.
+exactly on CPU, and the global batches do not depend on the number of processes. The training-set
+statistics (mean image, RGB covariance for PCA lighting) are computed once, sharded over the processes,
+and cached in the run folder (`train_stats.pth`) and in every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,73 +31,21 @@ import torch.nn.functional as F
 from ..core.distributed import Dist, init_distributed
 from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
-from ..core.results import write_json
+from ..core.results import load_tensors, write_json
 from ..data.images import collate, list_images
-from ..data.trainset import GlobalBatches, TrainImages, mean_image, split_per_class
-from ..models.predict import ten_crop_probs
+from ..data.trainset import GlobalBatches, TrainImages, TrainStats, split_per_class, train_statistics
+from ..models.predict import average_probs
 from . import checkpoints as ckpt
 from .networks import build_model, clip_filters
+from .settings import RECIPES, TrainConfig
 
-__all__ = ["TrainConfig", "MetricLogger", "train_one_epoch", "evaluate", "main"]
+__all__ = ["TrainConfig", "RECIPES", "MetricLogger", "train_one_epoch", "evaluate", "plateau_schedule", "main",
+           "STATS"]
 
-
-@dataclass
-class TrainConfig:
-    """One training run. Defaults are the paper's (section numbers of Zeiler & Fergus 2013)."""
-
-    # what to train
-    model: str = "zfnet"  # Sec. 3 / Fig. 3: "zfnet", "alexnet" (11x11/4 baseline), or a Table 3 variant name
-    widths: tuple | None = None  # conv1..conv5 maps; None = the paper's 96-256-384-384-256 (Fig. 3)
-    fc: int | None = None  # fc6/fc7 units; None = 4096 (Fig. 3)
-    dropout: float = 0.5  # Sec. 3: dropout 0.5 on fc6 and fc7
-    init_std: float = 1e-2  # Sec. 3: weights N(0, 1e-2), biases 0. 0 = He normal (std sqrt(2 / fan_in)):
-    #                         at reduced width N(0, 1e-2) shrinks the signal ~1e5-fold over 8 layers
-    # data
-    data: str = ""  # image folder: class subfolders, or train/ + val/ inside (ImageNet layout)
-    val_data: str | None = None  # validation folder (default: data/val, or the rest of a per-class split)
-    train_per_class: int | None = None  # take this many images per class for training, the rest for validation
-    split_seed: int = 0  # which images the per-class split takes
-    resize: int = 256  # Sec. 3: shorter side to 256, central 256x256
-    crop: int = 224  # Sec. 3: 224x224 sub-crops
-    flip: bool = True  # Sec. 3: horizontal flips of the crops
-    val_crops: str = "ten"  # Sec. 3/5: 10-crop (corners + centre, flipped) softmax average; or "center"
-    epoch_val_crops: str | None = None  # crops of the per-epoch (plateau) evaluations; None = val_crops.
-    #                                     "center" is 10x cheaper; the last epoch always uses val_crops
-    cache: bool = False  # keep the decoded 256x256 images in memory (small data sets: decode once)
-    workers: int = 0  # DataLoader worker processes
-    # optimization
-    epochs: int = 70  # Sec. 3: stopped after 70 epochs
-    batch_size: int = 128  # Sec. 3: mini-batches of 128 (global: split across torchrun processes)
-    lr: float = 1e-2  # Sec. 3: learning rate 1e-2
-    momentum: float = 0.9  # Sec. 3: momentum 0.9
-    weight_decay: float = 0.0  # not in ZF's text; AlexNet (Krizhevsky 2012) used 5e-4
-    lr_factor: float = 0.1  # Sec. 3: learning rate annealed "manually" when validation error plateaus ...
-    lr_patience: int = 3  # ... here: x lr_factor after this many epochs without a new best top-1 error
-    clip_radius: float = 0.1  # Sec. 3 feature scale clipping: conv filters with RMS > radius renormalized
-    #                           to it after every step; 0 = off (the Fig. 6 / Table 3 ablation)
-    # machinery
-    out: str = "runs/zfnet"  # run folder: checkpoint.pth, epoch_NNN.pth, metrics.json
-    snapshots: bool = True  # keep a model-only epoch_NNN.pth every epoch (Fig. 4 reads them)
-    seed: int = 0
-    device: str | None = None  # default: cuda if available (LOCAL_RANK picks the GPU under torchrun)
-    amp: bool = True  # CUDA only: float16 autocast + gradient scaling
-    channels_last: bool = True  # CUDA only: NHWC memory layout (faster convolutions on tensor cores)
-    threads: int | None = None  # torch CPU threads per process (default: torch's choice)
-    progress: bool = True
-    budget_minutes: float = 0.0  # stop after the epoch expected to cross this wall time (0 = no limit);
-    #                              a later call resumes. For CPU-scale runs on shared machines.
-
-    def __post_init__(self):
-        if self.widths is not None:
-            self.widths = tuple(int(w) for w in self.widths)
-
-    def arch(self, num_classes: int) -> dict:
-        """What `build_model` needs to rebuild this network (stored in every checkpoint)."""
-        return {"model": self.model, "widths": list(self.widths) if self.widths else None, "fc": self.fc,
-                "dropout": self.dropout, "num_classes": num_classes, "crop": self.crop, "resize": self.resize,
-                "init_std": self.init_std}
+STATS = "train_stats.pth"  # the training-set statistics of a run folder, computed once
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # for runs saved before a field existed
 # Fields that may change between a run and its resumption without changing what is computed.
 _RESUMABLE = {"epochs", "out", "workers", "device", "progress", "threads", "data", "val_data", "budget_minutes"}
 
@@ -124,9 +75,10 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch: int, cfg
     """One pass over the training set; feature scale clipping after every step (Sec. 3)."""
     model.train()
     log = MetricLogger()
-    clipped = 0
+    clipped = images = 0
     bar = progress_bar(total=len(loader), desc=f"epoch {epoch}", enabled=progress)
     amp = scaler is not None
+    t0 = time.perf_counter()
     for x, y, _, _errors in loader:
         if x is None:  # a batch of only unreadable files
             continue
@@ -147,13 +99,14 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch: int, cfg
         if cfg.clip_radius > 0:
             clipped += clip_filters(model, cfg.clip_radius)
         acc1 = (out.argmax(1) == y).float().mean()
-        log.update(len(y), loss=loss.item(), acc1=acc1.item())
+        log.update(len(y), loss=loss.item(), acc1=acc1.item())  # .item(): the step has finished on the GPU
+        images += len(y)
         bar.update(1)
         bar.set_postfix_str(str(log))
     bar.close()
     return {"train_loss": log.avg("loss") if log.counts else math.nan,
             "train_top1_err": 100.0 * (1 - log.avg("acc1")) if log.counts else math.nan,
-            "clipped_filters": clipped}
+            "clipped_filters": clipped, "train_img_per_s": images / max(time.perf_counter() - t0, 1e-9)}
 
 
 @torch.no_grad()
@@ -171,7 +124,7 @@ def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, des
         if x is not None:
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-                probs = ten_crop_probs(model, x) if x.dim() == 5 else model(x).float().softmax(-1)
+                probs = average_probs([model], x)
             top = probs.topk(min(5, probs.shape[1]), 1).indices
             counts += torch.tensor([len(y), (top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
                                     F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()],
@@ -182,6 +135,14 @@ def evaluate(model, loader, device, d: Dist = Dist(), progress: bool = True, des
     n = max(counts[0].item(), 1)
     return {"val_top1_err": 100.0 * (1 - counts[1].item() / n), "val_top5_err": 100.0 * (1 - counts[2].item() / n),
             "val_loss": counts[3].item() / n, "val_images": int(counts[0].item())}
+
+
+def plateau_schedule(optimizer, cfg: TrainConfig):
+    """Learning rate x lr_factor when the validation top-1 error has not reached a new best for lr_patience
+    epochs (ZF Sec. 3: annealed when it plateaus), at most lr_drops times (AlexNet Sec. 5: three)."""
+    floor = 0.0 if cfg.lr_drops is None else cfg.lr * cfg.lr_factor ** cfg.lr_drops  # the rate after the last drop
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
+                                                      patience=cfg.lr_patience, min_lr=floor)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,7 +203,7 @@ def _run(cfg: TrainConfig) -> dict:
     if state is not None:
         old = state["config"]
         diff = [k for k, v in dataclasses.asdict(cfg).items()
-                if k not in _RESUMABLE and _plain(v) != _plain(old.get(k))]
+                if k not in _RESUMABLE and _plain(v) != _plain(old.get(k, _DEFAULTS[k]))]
         if diff:
             raise ZfnetError(f"{out} holds a run with different settings ({', '.join(diff)}); resume with the "
                              f"same settings or choose another --out")
@@ -251,14 +212,14 @@ def _run(cfg: TrainConfig) -> dict:
         raise ZfnetError(f"{len(paths)} training images is fewer than one batch ({cfg.batch_size}); lower "
                          f"--batch-size")
     train_ds = TrainImages(paths, labels, cfg.resize, cfg.crop, "random", cfg.flip, cache=cfg.cache, seed=cfg.seed)
-    if state is not None:
-        train_ds.mean_image, bad = state["mean_image"], list(state.get("skipped_train", []))
-        if train_ds.cache is not None:  # warm the cache (decode once) before timing epochs
-            mean_image(train_ds, Dist(), cfg.batch_size, cfg.workers, cfg.progress and d.main)
-            train_ds.mean_image = state["mean_image"]
-    else:
-        mean, bad = mean_image(train_ds, d, cfg.batch_size, cfg.workers, cfg.progress and d.main)
-        train_ds.mean_image = mean
+    stats = _train_stats(cfg, train_ds, d, out, state)
+    train_ds.mean_image, bad = stats.mean_image, stats.skipped
+    if cfg.lighting > 0:
+        train_ds.lighting = stats.lighting(cfg.lighting)
+        if d.main and state is None:
+            ev = " ".join(f"{v:.4g}" for v in train_ds.lighting.eigval.tolist())
+            print(f"zfnet: PCA lighting, alpha ~ N(0, {cfg.lighting:g}): RGB covariance eigenvalues {ev} "
+                  f"({stats.pixels} pixels)", file=sys.stderr)
     if bad:  # unreadable training files: dropped before batching so every process takes the same steps
         dropped = set(bad)
         keep = [i for i in range(len(train_ds)) if i not in dropped]
@@ -275,8 +236,7 @@ def _run(cfg: TrainConfig) -> dict:
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
-                                                           patience=cfg.lr_patience)
+    scheduler = plateau_schedule(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda") if amp else None
     start, history = 1, []
     if state is not None:
@@ -332,7 +292,7 @@ def _run(cfg: TrainConfig) -> dict:
         recent = metrics["seconds"]
         history.append(metrics)
         if d.main:
-            _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, train_ds, bad)
+            _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, stats)
             print("zfnet: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in metrics.items()), file=sys.stderr)
         if d.world > 1:
@@ -347,18 +307,62 @@ def _run(cfg: TrainConfig) -> dict:
     return {"epochs": history, "out": str(out)}
 
 
+def _stats_key(ds: TrainImages) -> dict:
+    """Which training set (and image size) a statistics file describes."""
+    h = hashlib.sha1("\n".join(f"{p}\t{y}" for p, y in zip(ds.paths, ds.labels)).encode())
+    return {"resize": ds.resize, "images": len(ds), "sha1": h.hexdigest()}
+
+
+def _train_stats(cfg: TrainConfig, ds: TrainImages, d: Dist, out: Path, state: dict | None) -> TrainStats:
+    """The training-set statistics: from the checkpoint when resuming, else from out/train_stats.pth when it
+    describes this training set (a run stopped during its first epoch), else one sharded pass (written
+    there by rank 0)."""
+    show = cfg.progress and d.main
+    if state is not None:
+        if ds.cache is not None:  # warm the cache (decode once) before timing epochs
+            train_statistics(ds, Dist(), cfg.batch_size, cfg.workers, show)
+        if "train_stats" in state:
+            return TrainStats.from_dict(state["train_stats"])
+        # a checkpoint from before the RGB covariance was kept (such runs have lighting off)
+        return TrainStats(state["mean_image"], torch.full((3, 3), math.nan, dtype=torch.float64), 0,
+                          [int(i) for i in state.get("skipped_train", [])])
+    key, cached = _stats_key(ds), None
+    if (out / STATS).is_file():
+        try:
+            obj = load_tensors(out / STATS, "training-set statistics")
+        except ZfnetError as e:
+            print(f"zfnet: recomputing the training-set statistics: {e}", file=sys.stderr)
+            obj = None
+        if isinstance(obj, dict) and obj.get("key") == key:
+            cached = TrainStats.from_dict(obj)
+    have = torch.tensor([float(cached is not None)])
+    if d.world > 1:  # all processes take part in the pass unless every one of them read the file
+        have = d.all_sum(have) / d.world
+    if have.item() == 1.0:
+        if d.main:
+            print(f"zfnet: training-set statistics from {out / STATS}", file=sys.stderr)
+        if ds.cache is not None:
+            train_statistics(ds, Dist(), cfg.batch_size, cfg.workers, show)
+        return cached
+    stats = train_statistics(ds, d, cfg.batch_size, cfg.workers, show)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.save_checkpoint(dict(stats.to_dict(), key=key), out / STATS)
+    return stats
+
+
 def _plain(v):
     return list(v) if isinstance(v, tuple) else v
 
 
-def _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, train_ds, bad):
+def _save(out, cfg, arch, classes, model, optimizer, scheduler, scaler, epoch, history, stats: TrainStats):
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    common = {"model": sd, "mean_image": train_ds.mean_image.cpu(), "categories": list(classes),
+    common = {"model": sd, "mean_image": stats.mean_image.cpu(), "categories": list(classes),
               "arch": arch, "epoch": epoch, "metrics": history[-1:]}
     if cfg.snapshots:
         ckpt.save_checkpoint(common, out / ckpt.SNAPSHOT.format(epoch))
     full = dict(common, config={k: _plain(v) for k, v in dataclasses.asdict(cfg).items()},
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 scaler=scaler.state_dict() if scaler is not None else {}, metrics=history,
-                skipped_train=list(bad))
+                skipped_train=list(stats.skipped), train_stats=stats.to_dict())
     ckpt.save_checkpoint(full, out / ckpt.LATEST)
