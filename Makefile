@@ -9,7 +9,7 @@ OUT ?= out/demo
 # Without either, the published weights are downloaded once by torch.hub.
 WEIGHTS ?= $(or $(ZFNET_WEIGHTS),$(wildcard ../shared/weights/squeezenet1_1.pth),default)
 
-.PHONY: demo test venv dev clean
+.PHONY: demo test venv dev clean gpu-check
 
 # torch is pinned first: on these CPU-only machines 2.13.0 is a local wheel, while an unpinned torch pulls
 # GBs of CUDA packages; elsewhere the fallback takes any torch >= 2.4 from the index.
@@ -38,6 +38,12 @@ demo: venv
 
 test: dev
 	$(BIN)/python -m pytest -q
+
+# The prepared GPU check (docs/benchmarks.md): device tests on CUDA, AMP throughput, torchrun 2 vs 1, the benches
+# on the GPU; figures in out/gpu-check/figures.md. It picks its own Python (one with torch: the machine's own on
+# a GPU box, whose torch is a CUDA build), so it does not build .venv. `make gpu-check CPU=1`: a CPU dry run.
+gpu-check:
+	bench/gpu_check.sh $(if $(CPU),--cpu) out/gpu-check
 
 clean:
 	rm -rf $(VENV) out

@@ -39,12 +39,14 @@ SHARED = ROOT.parent / "shared"
 DEMO_TARGET_S = 180
 
 
-def plain_forward(model, data: Path, batch_size: int) -> float:
+def plain_forward(model, data: Path, batch_size: int, device: str = "cpu") -> float:
     t = time.perf_counter()
     ds = ImageDataset.from_folder(data, Preprocess.for_model(model))
     with torch.inference_mode():
         for x, _, _ in Batches(ds, batch_size, progress=False):
-            model(x)
+            model(x.to(device))
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -58,7 +60,7 @@ def demo(args, model, weights: Path):
     n = sum(1 for p in data.rglob("*.jpg"))
     print(f"# bench_atlas --demo: `zfnet atlas --model squeezenet1_1 --k 9` over the {n} built-in photos, "
           f"{args.threads} threads, torch {torch.__version__}", flush=True)
-    t_fwd = plain_forward(model, data, 32)
+    t_fwd = plain_forward(model, data, 32, args.device)
     print(f"plain forward (decode + preprocess + forward): {t_fwd:.1f} s ({n / t_fwd:.1f} img/s)", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_demo_"))
     try:
@@ -66,7 +68,7 @@ def demo(args, model, weights: Path):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                "OMP_NUM_THREADS": str(args.threads)}
         cmd = [sys.executable, "-m", "zfnet", "atlas", "--model", "squeezenet1_1", "--weights",
-               str(weights) if weights.exists() else "none", "--k", "9", "--out", str(out)]
+               str(weights) if weights.exists() else "none", "--k", "9", "--out", str(out), "--device", args.device]
         if args.quick:  # the code path only: two small layers
             cmd += ["--layers", "features.1,features.3"]
         t = time.perf_counter()
@@ -89,10 +91,12 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="keep the atlas here (default: a temporary folder)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    ap.add_argument("--data", default=None, help="photo folder (default: ../shared/data/imagenet-samples)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     weights = SHARED / "weights" / "squeezenet1_1.pth"
-    model = load_model("squeezenet1_1", str(weights) if weights.exists() else None)
+    model = load_model("squeezenet1_1", str(weights) if weights.exists() else None, device=args.device)
     if args.demo:
         return demo(args, model, weights)
     if args.quick:
@@ -100,7 +104,7 @@ def main():
         args.layers = args.layers or "features.3.squeeze_activation,features.9.squeeze_activation"
         args.k = args.k or 3
     k = args.k or 9
-    photos = SHARED / "data" / "imagenet-samples"
+    photos = Path(args.data).resolve() if args.data else SHARED / "data" / "imagenet-samples"
     if not photos.exists():
         sys.exit(f"needs {photos}")
     files = sorted(p for p in photos.iterdir() if p.is_file())
@@ -115,8 +119,8 @@ def main():
         layers = args.layers.split(",") if args.layers else None
         print(f"# bench_atlas: SqueezeNet 1.1 ({'real' if weights.exists() else 'random'} weights), {len(files)} "
               f"photos, layers {args.layers or 'all feature layers'}, k={k}, batch {args.batch_size}, "
-              f"{args.threads} threads, torch {torch.__version__}", flush=True)
-        t_fwd = plain_forward(model, data, args.batch_size)
+              f"{args.threads} threads, torch {torch.__version__}, {args.device}", flush=True)
+        t_fwd = plain_forward(model, data, args.batch_size, args.device)
         print(f"plain forward (decode + preprocess + forward): {t_fwd:.1f} s ({len(files) / t_fwd:.1f} img/s)",
               flush=True)
         out = Path(args.out) if args.out else tmp / "atlas"

@@ -45,6 +45,12 @@ def workload(model, images, layer, n_units, n_images, seed=0):
     return images[rows], units
 
 
+def sync(t):
+    """Wall time of CUDA work counts only once it has finished."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 def captum_twin(model):
     twin = __import__("copy").deepcopy(model)
     for m in twin.modules():
@@ -68,6 +74,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
         t, t_cpu = time.perf_counter(), time.process_time()
         ours = project(model, x, units, pairs=True, backprop_norm=True)
+        sync(x)
         t_ours, c_ours = time.perf_counter() - t, time.process_time() - t_cpu
         # Captum: one call per projection, on a subset if asked (time scaled to the full count).
         idx = list(range(0, len(units), captum_every))
@@ -80,6 +87,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
                 c, yx = u.split("@")
                 y, x_ = map(int, yx.split(","))
                 ref = deconv.attribute(x[k:k + 1].clone(), (int(c), y, x_))
+        sync(x)
         t_captum = (time.perf_counter() - t) * len(units) / len(idx)
         c_captum = (time.process_time() - t_cpu) * len(units) / len(idx)
         # Sanity: the last one agrees (ours is seeded with the activation itself).
@@ -103,23 +111,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 units x 3 images per layer, Captum on a subset")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (both sides run there)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     n_units, n_images = (3, 3) if args.quick else (9, 9)
     torch.manual_seed(0)
-    pool = torch.randn(24 if args.quick else 40, 3, 224, 224)
+    pool = torch.randn(24 if args.quick else 40, 3, 224, 224).to(args.device)
     every = 3 if args.quick else 1
-    results = [bench_model("zfnet (random weights, 224 px)", zfnet().eval(), pool, n_units, n_images, every)]
+    zf = zfnet().eval().to(args.device)
+    results = [bench_model("zfnet (random weights, 224 px)", zf, pool, n_units, n_images, every)]
     weights = SHARED / "weights" / "squeezenet1_1.pth"
     samples = SHARED / "data" / "imagenet-samples"
     if weights.exists() and samples.exists():
         from zfnet.data.images import Preprocess, load_image
         from zfnet.models.weights import load_model
 
-        sq = load_model("squeezenet1_1", str(weights))
+        sq = load_model("squeezenet1_1", str(weights), device=args.device)
         files = sorted(samples.iterdir())[:: (100 if args.quick else 25)]
         prep = Preprocess.for_model(sq)
-        photos = torch.stack([prep(load_image(f)) for f in files])
+        photos = torch.stack([prep(load_image(f)) for f in files]).to(args.device)
         results.append(bench_model("squeezenet1_1 (real weights, photos)", sq, photos, n_units, n_images, every))
     else:
         print(f"squeezenet1_1 skipped: {weights} or {samples} missing")

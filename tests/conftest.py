@@ -1,4 +1,6 @@
-"""Shared fixtures: the real data in ../shared (skipped without it, a failure under CI=true)."""
+"""Shared fixtures: the real data in ../shared (skipped without it, a failure under CI=true), and the device
+that tests taking a `device` run on: $ZFNET_TEST_DEVICE (default cpu; bench/gpu_check.sh sets cuda). Such
+tests are marked `device`, so `ZFNET_TEST_DEVICE=cuda pytest -m device` runs exactly them on the GPU."""
 
 import os
 from pathlib import Path
@@ -8,6 +10,26 @@ import torch
 from shared_data import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+TEST_DEVICE = os.environ.get("ZFNET_TEST_DEVICE", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "device: takes the `device` fixture ($ZFNET_TEST_DEVICE, default cpu)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """$ZFNET_TEST_DEVICE as a torch.device; asking for CUDA where there is none fails (never a silent CPU run)."""
+    dev = torch.device(TEST_DEVICE)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"ZFNET_TEST_DEVICE={TEST_DEVICE} but torch {torch.__version__} sees no CUDA device")
+    return dev
 
 
 @pytest.fixture(scope="session")
