@@ -90,7 +90,7 @@ def _folder(root, classes=3, per_class=4):
         (root / f"c{c}").mkdir(parents=True)
         for i in range(per_class):
             a = rng.integers(0, 256, (30 + 2 * i, 34, 3)).astype(np.uint8)
-            a[..., c] = np.clip(a[..., c].astype(int) + 60, 0, 255)
+            a[..., c % 3] = np.clip(a[..., c % 3].astype(int) + 60, 0, 255)
             Image.fromarray(a).save(root / f"c{c}" / f"{i}.png")
     return root
 
@@ -211,3 +211,17 @@ def test_cli_evaluate_and_predict_ensembles_of_checkpoints(tmp_path, capsys):
     by_hand = sum(torch.stack([m(c[None])[0].softmax(-1) for c in replace(p, crop="ten")(im)]).mean(0)
                   for m, p in zip(models, pres)) / 2
     assert got[0]["top5"][0]["prob"] == pytest.approx(by_hand.max().item(), rel=1e-5)
+
+
+def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
+    w = str(_checkpoint(tmp_path / "a.pth", 0, ["c0", "c1", "c2"]))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (60, 60)).save(flat / "x.png")
+    for argv, msg in [(["--data", str(flat), "--weights", w], "has no class subfolders"),
+                      (["--data", str(_folder(tmp_path / "v4", classes=4, per_class=1)), "--weights", w],
+                       "4 class folders but the models predict 3 classes"),
+                      (["--data", str(flat)], "--model auto needs --weights CHECKPOINT")]:
+        assert cli(["evaluate", "--out", str(tmp_path / "o")] + argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and msg in err, err
