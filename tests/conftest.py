@@ -9,6 +9,10 @@ import pytest
 import torch
 from shared_data import SAMPLES, SQUEEZENET_WEIGHTS, need_shared
 
+CHROMIUM = os.environ.get("ZFNET_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 TEST_DEVICE = os.environ.get("ZFNET_TEST_DEVICE", "cpu")
 
@@ -43,3 +47,26 @@ def squeezenet():
 @pytest.fixture(scope="session")
 def imagenet_samples() -> Path:
     return need_shared(SAMPLES)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright, for the pages zfnet writes (skipped without either, a failure
+    under CI=true)."""
+    why = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        why = "playwright is not installed (pip install playwright)"
+    if why is None and not Path(CHROMIUM).exists():
+        why = f"no chromium at {CHROMIUM} (apt-get install chromium)"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser test cannot run under CI: {why}")
+        pytest.skip(why)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()

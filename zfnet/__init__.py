@@ -25,7 +25,7 @@ from .understanding.occlusion import occlusion  # Fig. 7
 _LAZY = {  # name -> (module, attribute)
     "TrainConfig": ("training.recipe", "TrainConfig"),  # Sec. 3 recipe
     "train": ("training.recipe", "main"),  # Sec. 3: zfnet.train(zfnet.TrainConfig(...))
-    "extract_features": ("generalization.features", "extract_features"),  # Sec. 5
+    "extract_features": ("engine.features", "extract_features"),  # Sec. 5 probes, t-SNE codes
     "probe_layers_accuracy": ("generalization.probes", "probe_layers_accuracy"),  # Table 7
     "fewshot_curve": ("generalization.probes", "fewshot_curve"),  # Fig. 9
     "find_overlap": ("generalization.overlap", "find_overlap"),  # Sec. 5.2

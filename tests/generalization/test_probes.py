@@ -13,8 +13,8 @@ from shared_data import SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.core.errors import ZfnetError
-from zfnet.generalization import features as features_mod
-from zfnet.generalization.features import Features, extract_features, pool_tensor, probe_layers
+from zfnet.engine import features as features_mod
+from zfnet.engine.features import Features, extract_features, pool_tensor, probe_layers
 from zfnet.generalization.probes import fewshot_curve, plot_fewshot, probe_layers_accuracy
 from zfnet.generalization.protocol import LinearProbe, caltech_folds, first_per_class, fit_probe, mean_class_accuracy
 

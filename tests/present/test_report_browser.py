@@ -5,7 +5,6 @@ are flagged, and hostile file, class and model names stay text."""
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -19,9 +18,6 @@ from zfnet.present.site import THUMB, write_site
 from zfnet.present.tiles import PAD
 from zfnet.understanding.atlas import atlas
 
-CHROMIUM = os.environ.get("ZFNET_CHROMIUM", "/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 HOSTILE = ['we<i>rd & "q" \'x\'.png', "space name.png", "ünï %41 #h?.png"]
 HOSTILE_CLASS = 'b<b>ad "cls" & co'
 EVIL = "<script>window.PWNED = 1</script>"
@@ -37,33 +33,6 @@ _BACKGROUNDS = """async () => {
     i.onerror = () => { bad.push(u); r(); }; i.src = u; })));
   return {n: urls.size, bad: bad};
 }"""
-
-
-def _need_browser():
-    why = None
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        why = "playwright is not installed (pip install playwright)"
-    if why is None and not Path(CHROMIUM).exists():
-        why = f"no chromium at {CHROMIUM} (apt-get install chromium)"
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser test cannot run under CI: {why}")
-        pytest.skip(why)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

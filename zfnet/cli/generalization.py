@@ -49,7 +49,7 @@ def _probe_common_args(p):
 
 
 def _probe_setup(args):
-    from ..generalization.features import default_cache_dir
+    from ..engine.features import default_cache_dir
 
     model = load_from_args(args)
     cache = None if args.cache == "none" else (args.cache or default_cache_dir())

@@ -24,7 +24,7 @@ from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "MAX_ASPECT", "load_image", "check_image_size", "list_images",
-           "Preprocess", "ImageDataset", "collate", "ten_crop", "Batches", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "Preprocess", "ImageDataset", "collate", "ten_crop", "Batches", "IMAGENET_MEAN", "IMAGENET_STD", "as_input"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -287,16 +287,42 @@ class Preprocess:
 
     def unnormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Back to displayable RGB in [0, 1] (for patches shown beside projections)."""
+        shift, scale = self._affine(x)
+        return (x * scale + shift).clamp(0, 1)
+
+    def normalize(self, u: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] (the crop as displayed) -> the model's input: `unnormalize` inverted (without its
+        clipping) and differentiable, so optimisations and attacks can work on the image and keep their
+        budgets in pixel units."""
+        shift, scale = self._affine(u)
+        return (u - shift) / scale
+
+    def _affine(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale) with pixels = input * scale + shift, shaped to broadcast over x (..., 3, H, W)."""
+        one = torch.ones((), dtype=x.dtype, device=x.device)
         if self.preset == "paper":
             m = self.mean_image
-            if m is not None:
-                H, W = x.shape[-2:]
-                t, left = (m.shape[-2] - H) // 2, (m.shape[-1] - W) // 2
-                m = m[:, t:t + H, left:left + W]
-            return (x + (m if m is not None else 0.5)).clamp(0, 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-        return (x * std + mean).clamp(0, 1)
+            if m is None:
+                return 0.5 * one, one
+            H, W = x.shape[-2:]
+            t, left = (m.shape[-2] - H) // 2, (m.shape[-1] - W) // 2
+            return m[:, t:t + H, left:left + W].to(x), one
+        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        return mean, std
+
+
+def as_input(image, preprocess: Preprocess) -> tuple[str | None, torch.Tensor]:
+    """One image as the model's input: an image file, a PIL image or an already preprocessed (3, H, W) tensor
+    -> (the file name or None, the (3, H, W) input). ZfnetError when it is not a single image."""
+    name = None
+    if isinstance(image, (str, os.PathLike)):
+        name, image = str(image), load_image(image)
+    x = image if isinstance(image, torch.Tensor) else preprocess(image)
+    if x.dim() != 3:
+        raise ZfnetError(f"expected one image (3, H, W), got shape {tuple(x.shape)}: a single-crop preprocessing "
+                         f"(crop='center') gives one")
+    return name, x
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -3,7 +3,7 @@
 The ImageNet-trained layers stay fixed; a linear classifier (softmax or linear SVM) is trained on the
 pooled features of one layer with N images per class and tested on up to 50 others per class. The score is
 the mean of the per-class accuracies, averaged over random folds (mean +- std), as in the Caltech protocol.
-Features come from `zfnet.generalization.features` (cached), so re-running a probe never touches the network.
+Features come from `zfnet.engine.features` (cached), so re-running a probe never touches the network.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import torch
 
 from ..core.errors import NoInputError, ZfnetError
 from ..core.progress import progress_bar
-from ..core.results import atomic_path, text_table, write_json
-from .features import Features, extract_features
+from ..core.results import text_table, write_json
+from ..engine.features import Features, extract_features
+from ..present.render import save_figure
 from .protocol import CLASSIFIERS, DEFAULT_CS, caltech_folds, first_per_class, fit_probe, mean_class_accuracy
 from .scratch import decode_all, scratch_baseline
 
-__all__ = ["FEWSHOT_N", "ProbeResult", "fewshot_curve", "plot_fewshot", "probe_layers_accuracy", "run_fewshot",
-           "run_probe"]
+__all__ = ["FEWSHOT_N", "ProbeResult", "fewshot_curve", "plot_fewshot", "plot_probe", "probe_layers_accuracy",
+           "run_fewshot", "run_probe"]
 
 FEWSHOT_N = (1, 2, 4, 6, 8, 10, 15, 20, 30)  # Fig. 9's training images per class
 
@@ -160,17 +161,37 @@ def plot_fewshot(curves: dict, path: str | Path, title: str = "") -> Path:
     for name, c in curves.items():
         ax.errorbar(c["per_class"], c["mean"], yerr=c["std"], marker="o", ms=3, capsize=2, label=name)
     ax.set_xlabel("training images per class")
+    return _accuracy_axes(fig, ax, path, title)
+
+
+def _accuracy_axes(fig, ax, path, title: str) -> Path:
+    """The accuracy axis both probe plots share, then the PNG."""
     ax.set_ylabel("mean per-class accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=None)
+
+
+def plot_probe(scores: dict, path: str | Path, title: str = "") -> Path:
+    """Table 7 as a PNG: mean +- std accuracy of each classifier on each layer, shallow to deep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(scores)
+    kinds = list(dict.fromkeys(k for v in scores.values() for k in v))
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.6 * len(layers) + 2), 4), dpi=100)
+    for k in kinds:
+        xs = [i for i, layer in enumerate(layers) if k in scores[layer]]
+        ax.errorbar(xs, [scores[layers[i]][k]["mean"] for i in xs], yerr=[scores[layers[i]][k]["std"] for i in xs],
+                    marker="o", ms=3, capsize=2, label=k)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+    return _accuracy_axes(fig, ax, path, title)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +229,8 @@ def run_probe(model: torch.nn.Module, data, out: str | Path, *, layers: Sequence
                                 "scratch": round(time.time() - t2, 1)}
     result.config["data"] = str(data)
     write_json(Path(out) / "result.json", result.to_json())
+    plot_probe(result.scores, Path(out) / "probes.png", title=f"{Path(str(data)).name}: {per_class} per class, "
+               f"{folds} fold(s)")
     return result
 
 

@@ -22,17 +22,27 @@ from ..core.errors import ZfnetError
 from ..core.results import load_tensors
 from .networks import ALEXNET_TORCHVISION_KEYS, alexnet, squeezenet1_1, zfnet
 
-__all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "WEIGHTS_ENV",
-           "check_finite"]
+__all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "imagenet_wnids",
+           "WEIGHTS_ENV", "check_finite"]
 
 WEIGHTS_ENV = "ZFNET_WEIGHTS"  # names a local weights file when there is no internet
 
 
 @lru_cache(maxsize=1)
+def _imagenet_table() -> tuple[tuple[str, str], ...]:
+    text = resources.files("zfnet").joinpath("assets/imagenet_classes.tsv").read_text()
+    return tuple(tuple(line.split("\t", 1)) for line in text.splitlines() if line)
+
+
 def imagenet_classes() -> tuple[str, ...]:
     """The 1000 ILSVRC-2012 class names in class-index order."""
-    text = resources.files("zfnet").joinpath("assets/imagenet_classes.tsv").read_text()
-    return tuple(line.split("\t", 1)[1] for line in text.splitlines() if line)
+    return tuple(name for _, name in _imagenet_table())
+
+
+def imagenet_wnids() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 WordNet ids (n01440764, ...) in class-index order: how ImageNet names its files
+    and folders."""
+    return tuple(wnid for wnid, _ in _imagenet_table())
 
 
 @dataclass(frozen=True)

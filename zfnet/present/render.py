@@ -17,7 +17,8 @@ from PIL import Image, features
 
 from ..core.results import atomic_path
 
-__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png", "save_picture", "PICTURE_EXT"]
+__all__ = ["signed_to_rgb", "image_to_rgb", "grid", "save_png", "save_picture", "PICTURE_EXT", "save_figure",
+           "enlarge", "grey", "filter_tiles", "channel_tiles"]
 
 
 def _hwc(x) -> np.ndarray:
@@ -48,6 +49,36 @@ def image_to_rgb(x) -> np.ndarray:
     return (np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def enlarge(rgb: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling by an integer factor: each weight or activation stays one crisp block."""
+    return rgb if factor <= 1 else np.kron(rgb, np.ones((factor, factor, 1), np.uint8))
+
+
+def filter_tiles(weight, size: int = 48) -> list[np.ndarray]:
+    """(O, I, kh, kw) conv filters -> one RGB tile per output filter (Fig. 6 (a); the CS231n notes' first-layer
+    filters): in colour when the filter has 3 input channels, else the mean over its inputs in grey; signed,
+    each scaled by its own largest magnitude (0 = mid grey); enlarged to about `size` pixels."""
+    w = weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight).float()
+    factor = max(1, size // w.shape[-1])
+    # Channels last before drawing: a (3, 3, 3) filter must not be taken for a 3 x 3 image of 3 channels.
+    return [enlarge(signed_to_rgb(f.permute(1, 2, 0) if f.shape[0] == 3 else f.mean(0)), factor) for f in w]
+
+
+def channel_tiles(weight, size: int = 32) -> list[np.ndarray]:
+    """(I, kh, kw): one output channel's filter -> one grey tile per input channel, all on that filter's one
+    scale (largest magnitude over its inputs; 0 = mid grey), so the inputs it weighs most stand out."""
+    w = weight.detach().float().cpu() if isinstance(weight, torch.Tensor) else torch.as_tensor(weight).float()
+    scale = max(float(w.abs().max()), 1e-12)
+    factor = max(1, size // w.shape[-1])
+    return [enlarge(grey(c / scale), factor) for c in w]
+
+
+def grey(x, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+    """A one-channel map (H, W) -> uint8 grey RGB: lo (and below) black, hi (and above) white, linear between."""
+    a = (_hwc(x)[..., :1] - lo) / max(hi - lo, 1e-12)
+    return (np.clip(np.repeat(a, 3, -1), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def grid(tiles: Sequence[np.ndarray], ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
     """Tile uint8 RGB images (any sizes) into one image, row-major, each cell as large as the largest."""
     if not tiles:
@@ -61,6 +92,17 @@ def grid(tiles: Sequence[np.ndarray], ncol: int, pad: int = 2, fill: int = 255) 
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         out[y:y + t.shape[0], x:x + t.shape[1]] = t
     return out
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int | None = 90) -> Path:
+    """Lay out a matplotlib figure, write it as PNG atomically and close it (dpi None: the figure's own)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", **({} if dpi is None else {"dpi": dpi}))
+    plt.close(fig)
+    return Path(path)
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:

@@ -33,7 +33,7 @@ import torch.nn as nn
 from ..core.errors import ZfnetError
 from ..core.results import save_npz, write_json
 from ..inspect.layers import Unit, feature_layers, layer_table
-from ..present.render import grid, save_png, signed_to_rgb
+from ..present.render import filter_tiles, grid, save_png, signed_to_rgb
 from .networks import filter_rms
 
 __all__ = ["BANDS", "power_spectrum", "frequency_bands", "domination", "near_zero",
@@ -131,14 +131,6 @@ class Diagnosis:
         return {"schema": 1, **d}
 
 
-def _filter_tiles(weight: torch.Tensor, scale: int) -> list[np.ndarray]:
-    tiles = []
-    for w in weight.detach().float().cpu():
-        rgb = signed_to_rgb(w if w.shape[0] == 3 else w.mean(0, keepdim=True))
-        tiles.append(np.kron(rgb, np.ones((scale, scale, 1), np.uint8)))
-    return tiles
-
-
 def _first_conv(model):
     convs = conv_layers(model)
     if not convs:
@@ -177,7 +169,7 @@ def diagnose(model: nn.Module, data=None, out: str | Path | None = None, *, max_
     if out is not None:
         out = Path(out)
         save_npz(out / "arrays.npz", **arrays)
-        save_png(grid(_filter_tiles(w1, max(1, 48 // w1.shape[-1])), ncol=int(math.ceil(math.sqrt(len(w1))))),
+        save_png(grid(filter_tiles(w1), ncol=int(math.ceil(math.sqrt(len(w1))))),
                  out / "layer1_filters.png")
         if patches:
             side = max(p.shape[-1] for p in patches)

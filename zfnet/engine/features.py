@@ -1,8 +1,9 @@
-"""Per-layer image features for linear probes (paper Sec. 5.2-5.3: "keep layers 1-7 fixed").
+"""Per-layer image features ("codes"): what the linear probes of Sec. 5.2-5.3 train on ("keep layers 1-7
+fixed") and what the t-SNE of the CS231n notes embeds.
 
 One forward pass per batch records every requested layer, pooled inside the hook (so full maps are never
 kept) and stops at the deepest one. The result is cached on disk as one .npz keyed by the model's weights,
-the layers, the pooling, the preprocessing and the file list, so probes re-run without the network. Long
+the layers, the pooling, the preprocessing and the file list, so probes and embeddings re-run without the network. Long
 extractions checkpoint a partial file every few hundred images and resume from it.
 """
 
