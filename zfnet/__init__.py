@@ -2,8 +2,9 @@
 
 The names below are the notebook API. The package is layered, each layer importing only those below it:
 core <- data, models <- inspect <- engine, present <- the paper's sections (understanding: Sec. 4,
-training: Sec. 3, generalization: Sec. 5) <- cli. The training recipe, feature extraction and the probes
-are imported on first use, so that `import zfnet` stays quick.
+training: Sec. 3, generalization: Sec. 5) and the CS231n notes (cs231n) <- report <- cli. The training
+recipe, feature extraction, the probes and the CS231n tools are imported on first use, so that
+`import zfnet` stays quick.
 """
 
 from importlib import import_module
@@ -29,6 +30,9 @@ _LAZY = {  # name -> (module, attribute)
     "probe_layers_accuracy": ("generalization.probes", "probe_layers_accuracy"),  # Table 7
     "fewshot_curve": ("generalization.probes", "fewshot_curve"),  # Fig. 9
     "find_overlap": ("generalization.overlap", "find_overlap"),  # Sec. 5.2
+    "tsne": ("cs231n.codes", "tsne"),  # CS231n: t-SNE of the codes
+    "invert": ("cs231n.inversion", "invert"),  # Mahendran & Vedaldi: reconstruction from codes
+    "fool": ("cs231n.fooling", "fool"),  # CS231n: adversarial examples, fooling images
 }
 
 __all__ = ["ZfnetError", "Unit", "alexnet", "atlas", "correspondence", "diagnose", "evolution", "invariance",

@@ -28,6 +28,7 @@ from .common import (
     report_skipped,
     resolve_device,
 )
+from .cs231n import add_by_option, predict_breakdown
 
 
 def _train_args(p):
@@ -51,6 +52,7 @@ def _predict_args(p):
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--ten-crop", action="store_true", help="average the softmax over 10 crops (paper Sec. 3)")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    add_by_option(p)
 
 
 @command("predict", "top-5 labels for images, from one model or the average of several (--weights a --weights b)")(
@@ -63,6 +65,8 @@ def _predict(args):
     inputs = args.inputs or [str(sample_dir())]
     result = predict(models, inputs, batch_size=args.batch_size, crop="ten" if args.ten_crop else "center",
                      progress=not args.json, preprocess=pres)
+    if args.by:
+        return predict_breakdown(args, models[0], result, inputs)  # (the class names: every member's are the same)
     if args.json:
         emit_json(result.to_json())
     else:
