@@ -1,8 +1,8 @@
 """`zfnet <command>`: a thin shell over the library; each command calls one library function.
 
 The commands live beside this module, one module per section of the paper (approach: Sec. 2, training:
-Sec. 3, understanding: Sec. 4, generalization: Sec. 5), then the rest of the CS231n notes (cs231n), and are
-listed in that order.
+Sec. 3, understanding: Sec. 4, generalization: Sec. 5), then the rest of the CS231n notes (cs231n) and the
+report that runs them all (report), and are listed in that order.
 
 The error boundary is `main`: a bad argument is refused by argparse (zfnet.cli.common's types) and any
 exception that leaves a command prints one line `zfnet: error: ...` naming the file or argument and exits
@@ -19,12 +19,12 @@ import sys
 import traceback
 
 from ..core.errors import NoInputError, UnknownLayerError, ZfnetError
-from . import approach, cs231n, generalization, training, understanding
+from . import approach, cs231n, generalization, report, training, understanding
 from .common import COMMANDS as _REGISTERED
 from .common import Parser, report_skipped
 
-# the paper's order, then the rest of the CS231n notes
-_SECTIONS = [m.__name__ for m in (approach, training, understanding, generalization, cs231n)]
+# the paper's order, then the rest of the CS231n notes, then the report that runs them all
+_SECTIONS = [m.__name__ for m in (approach, training, understanding, generalization, cs231n, report)]
 COMMANDS = sorted(_REGISTERED, key=lambda c: _SECTIONS.index(c[3].__module__))
 DEBUG_ENV = "ZFNET_DEBUG"
 

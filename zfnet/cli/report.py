@@ -1,0 +1,50 @@
+"""`zfnet report`: run the paper's experiments (and the CS231n notes') on one model and one image folder, and
+write them up as one offline HTML page."""
+
+from __future__ import annotations
+
+from .common import add_model_args, command, csv_list, emit_json, load_from_args
+
+
+def _report_args(p):
+    add_model_args(p)
+    p.add_argument("--data", default=None, help="image folder; class subfolders add Table 7 (default: the sample "
+                   "photos shipped with zfnet)")
+    p.add_argument("--out", required=True, help="report folder (index.html, report.json, one folder per step)")
+    p.add_argument("--only", default=None, help="comma-separated steps to run (fig2_atlas, fig5_invariance, "
+                   "fig6_diagnose, fig7_occlusion, table7_probes, tsne, activations, filters, inversion, fooling)")
+    p.add_argument("--force", action="store_true", help="run every step again, also those already done")
+    p.add_argument("--atlas-layers", default=None,
+                   help="comma-separated layers for Fig. 2 (default: three spread over the depth, within a budget)")
+    p.add_argument("--few-images", type=int, default=3, help="images for Fig. 5 and Fig. 7 (default: %(default)s)")
+    p.add_argument("--max-images", type=int, default=400,
+                   help="images for diagnose, activations and t-SNE, evenly spaced (default: %(default)s)")
+    p.add_argument("--inversion-steps", type=int, default=150, help="optimisation steps per reconstruction")
+    p.add_argument("--json", action="store_true", help="print only report.json on stdout")
+    p.epilog = ("Resumable: run the same command again and the steps already done are skipped (a step whose "
+                "options changed, or that failed, runs again). A step that fails is reported in its section "
+                "and the others go on; the exit status is then 1.")
+
+
+@command("report", "the whole paper (and the CS231n notes) on your model and data, as one offline HTML page")(
+    _report_args)
+def _report(args):
+    from ..data.samples import sample_dir
+    from ..report.budget import Budgets
+    from ..report.run import report
+
+    model = load_from_args(args)
+    budgets = Budgets(atlas_layers=csv_list(args.atlas_layers) if args.atlas_layers else None,
+                      few_images=args.few_images, data_images=args.max_images, inversion_steps=args.inversion_steps)
+    state = report(model, args.data or str(sample_dir()), args.out, model_name=args.model, weights=args.weights,
+                   budgets=budgets, only=csv_list(args.only) if args.only else None, force=args.force,
+                   progress=not args.json)
+    if args.json:
+        emit_json(state)
+    else:
+        counts = {}
+        for s in state["steps"]:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        print(f"report of {len(state['steps'])} steps (" + ", ".join(f"{v} {k}" for k, v in counts.items())
+              + f"): {args.out}/index.html")
+    return 1 if any(s["status"] == "failed" for s in state["steps"]) else 0
