@@ -194,7 +194,7 @@ def _top(probs: torch.Tensor, cats: list[str]) -> list[dict]:
 def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255, steps: int = 10,
          step: float | None = None, targets=None, labels=None, seed: int = 0, fooling_classes=None,
          fooling_steps: int = 200, confidence: float = 0.99, preprocess: Preprocess | None = None,
-         progress: bool = False) -> FoolingResult:
+         batch_size: int = 16, progress: bool = False) -> FoolingResult:
     """Attack image files (unreadable ones are skipped and listed) and make fooling images.
 
     Args:
@@ -202,6 +202,7 @@ def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255,
             image / one for all (indices or names).
         labels: true classes (default: the clean predictions).
         fooling_classes: classes to make Nguyen fooling images of (default: none).
+        batch_size: images attacked together (the seed of each batch is seed + its first index).
     """
     pre = preprocess or Preprocess.for_model(model)
     cats = list(model_meta(model).categories or [])
@@ -237,8 +238,15 @@ def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255,
         if bad:
             raise ZfnetError(f"target class {bad[0]} out of range 0..{k - 1}")
         tgt = torch.as_tensor(tgt, device=x.device)
-    adv, info = attack(model, x, method=method, eps=eps, steps=steps, step=step, target=tgt, label=lab, seed=seed,
-                       preprocess=pre, progress=progress)
+    parts, run = [], 0
+    for s in range(0, len(x), batch_size):  # a batch at a time: the graph of a big batch would not fit
+        sl = slice(s, s + batch_size)
+        a, info = attack(model, x[sl], method=method, eps=eps, steps=steps, step=step,
+                         target=None if tgt is None else tgt[sl], label=lab[sl], seed=seed + s, preprocess=pre,
+                         progress=progress)
+        parts.append(a)
+        run = max(run, info["steps_run"])
+    adv = torch.cat(parts)
     with frozen(model), torch.no_grad():
         after = _logits(model, pre, adv).softmax(1)
         after8 = _logits(model, pre, (adv * 255).round() / 255).softmax(1)
@@ -264,12 +272,16 @@ def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255,
                      for c, q in zip(ids, finfo["prob"])]
         fool_imgs = fool_imgs.float().cpu().numpy()
     config = {"method": method, "eps": eps, "steps": steps, "step": step or (2.5 * eps / steps),
-              "steps_run": info["steps_run"], "targets": targets if isinstance(targets, (str, type(None)))
-              else list(targets) if not isinstance(targets, int) else targets, "seed": seed,
+              "steps_run": run, "targets": _as_given(targets), "seed": seed, "batch_size": batch_size,
               "fooling_classes": list(fooling_classes or []), "fooling_steps": fooling_steps,
               "confidence": confidence, "preprocessing": pre.preset, "input_size": pre.size}
     return FoolingResult(method, eps, tgt is not None, files, x.float().cpu().numpy(), adv.float().cpu().numpy(),
                          examples, fool_list, fool_imgs, skipped, config)
+
+
+def _as_given(targets):
+    """The targets argument as JSON records it: None, "random", one class, or the list."""
+    return targets if targets is None or isinstance(targets, (str, int)) else [str(v) for v in targets]
 
 
 def render_fooling(result: FoolingResult, path: str | os.PathLike, max_rows: int = 8) -> Path:
