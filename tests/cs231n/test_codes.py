@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED, need_shared
+from conftest import SHARED, SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.core.errors import ZfnetError
@@ -51,8 +51,6 @@ def test_too_few_images_is_a_clear_error():
 def test_real_codes_keep_classes_apart(tmp_path, capsys):
     """SqueezeNet codes (features.12, the layer before the classifier) of 3 Caltech-101 classes x 6 photos:
     most 5-nearest neighbours in the 2-D embedding share the image's class, as they do in the codes."""
-    from conftest import SQUEEZENET_WEIGHTS
-
     w = str(need_shared(SQUEEZENET_WEIGHTS))
     caltech = need_shared(SHARED / "data" / "caltech101")
     data = tmp_path / "data"

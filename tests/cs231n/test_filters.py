@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
 from torch import nn
 
@@ -95,8 +96,6 @@ def test_first_layer_picture_is_the_one_diagnose_draws(tmp_path):
 
 
 def test_cli_real_squeezenet_layers(tmp_path, capsys):
-    from conftest import SQUEEZENET_WEIGHTS, need_shared
-
     w = str(need_shared(SQUEEZENET_WEIGHTS))
     rc = main(["filters", "--weights", w, "--layers", "features.0,features.3.expand3x3", "--max-channels", "8",
                "--out", str(tmp_path), "--json"])

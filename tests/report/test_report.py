@@ -3,6 +3,7 @@ reported while the rest goes on, the recorded commands reproduce the folders, an
 results only) renders in a real browser with every image and link working and hostile names kept as text."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -33,6 +34,8 @@ def done(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
+    cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(root / "cache")  # the probes' and t-SNE's feature cache, not the user's
     data = root / "my data"
     make_folder(data / "cats", n=4, seed=1)
     make_folder(data / HOSTILE_CLASS, n=4, seed=2)
@@ -42,6 +45,10 @@ def done(tmp_path_factory):
     state = report(tiny32(), data, out, model_name=MODEL, weights="none", budgets=Budgets(**SMALL), progress=False)
     yield out, data, state
     torch.set_num_threads(threads)
+    if cache is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = cache
 
 
 def test_every_step_runs_into_its_folder(done):
@@ -56,6 +63,7 @@ def test_every_step_runs_into_its_folder(done):
     assert saved["images"] == 14 and saved["classes"] == 2  # 6 photos in each class, a hostile name, a broken file
     assert saved["budgets"]["probe_per_class"] == 5  # one less than the smallest class
     assert (out / "index.html").is_file() and (out / "fig2_atlas" / "index.html").is_file()
+    assert list((out.parent / "cache" / "zfnet" / "features").glob("*.npz"))  # probes and t-SNE shared it
 
 
 def test_a_resumed_run_skips_finished_steps(done, monkeypatch, capsys):

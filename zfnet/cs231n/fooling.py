@@ -273,6 +273,7 @@ def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255,
         fool_imgs = fool_imgs.float().cpu().numpy()
     config = {"method": method, "eps": eps, "steps": steps, "step": step or (2.5 * eps / steps),
               "steps_run": run, "targets": _as_given(targets), "seed": seed, "batch_size": batch_size,
+              "labels": "the clean predictions" if labels is None else [str(v) for v in labels],
               "fooling_classes": list(fooling_classes or []), "fooling_steps": fooling_steps,
               "confidence": confidence, "preprocessing": pre.preset, "input_size": pre.size}
     return FoolingResult(method, eps, tgt is not None, files, x.float().cpu().numpy(), adv.float().cpu().numpy(),
