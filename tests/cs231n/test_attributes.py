@@ -6,8 +6,8 @@ import json
 import os
 
 import pytest
-from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
+from shared_data import SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.core.errors import ZfnetError

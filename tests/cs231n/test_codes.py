@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED, SQUEEZENET_WEIGHTS, need_shared
+from shared_data import SHARED, SQUEEZENET_WEIGHTS, need_shared
 
 from zfnet.cli import main
 from zfnet.core.errors import ZfnetError

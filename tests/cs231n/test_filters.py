@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SQUEEZENET_WEIGHTS, need_shared
 from PIL import Image
+from shared_data import SQUEEZENET_WEIGHTS, need_shared
 from torch import nn
 
 from zfnet.cli import main

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLES, need_shared
 from PIL import Image
+from shared_data import SAMPLES, need_shared
 from torch import nn
 
 from zfnet.cli import main
