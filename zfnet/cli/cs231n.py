@@ -9,7 +9,22 @@ import sys
 from pathlib import Path
 
 from ..core.errors import ZfnetError
-from .common import add_model_args, command, csv_list, emit_json, load_from_args, report_skipped
+from .common import (
+    add_layers_arg,
+    add_list_arg,
+    add_model_args,
+    command,
+    emit_json,
+    float_range,
+    int_range,
+    load_from_args,
+    nonnegative_float,
+    nonnegative_int,
+    out_dir,
+    positive_float,
+    positive_int,
+    report_skipped,
+)
 
 
 def _config(args, **extra) -> dict:
@@ -25,14 +40,18 @@ def _finish(args, result: dict, text: str) -> int:
 
 
 def _fraction(text: str) -> float:
-    """"8/255" or "0.031" -> float."""
+    """"8/255" or "0.031" -> a float in (0, 1] (a budget or step on the [0, 1] image)."""
     try:
         if "/" in text:
             a, b = text.split("/")
-            return float(a) / float(b)
-        return float(text)
+            v = float(a) / float(b)
+        else:
+            v = float(text)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 8/255, got {text!r}") from None
+    if not 0 < v <= 1:  # (NaN fails this too)
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] on the [0, 1] image, got {text!r}")
+    return v
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -40,12 +59,13 @@ def _activations_args(p):
     add_model_args(p)
     p.add_argument("path", metavar="IMAGE_OR_DIR", help="an image (maps of every channel) or a folder (fraction "
                    "of zeros per channel over its images, and the maps of its first image)")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: the feature layers)")
-    p.add_argument("--sparse", type=float, default=0.99,
+    add_layers_arg(p, "layers (default: the feature layers)")
+    p.add_argument("--sparse", type=float_range(0.0, 1.0, lo_open=True), default=0.99,
                    help="zero fraction from which a channel is flagged sparse (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=None, help="use at most this many images of a folder")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--out", required=True, help="result folder (result.json, maps.npz, <layer>.png, sparsity.png)")
+    p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images of a folder")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="result folder (result.json, maps.npz, <layer>.png, sparsity.png)")
     p.add_argument("--json", action="store_true", help="print only result.json on stdout")
 
 
@@ -55,7 +75,7 @@ def _activations(args):
     from ..cs231n.activations import activations
 
     model = load_from_args(args)
-    r = activations(model, args.path, args.out, csv_list(args.layers) if args.layers else None, sparse=args.sparse,
+    r = activations(model, args.path, args.out, args.layers, sparse=args.sparse,
                     max_images=args.max_images, batch_size=args.batch_size, progress=not args.json,
                     config=_config(args, path=args.path))
     lines = []
@@ -71,9 +91,10 @@ def _activations(args):
 
 def _filters_args(p):
     add_model_args(p)
-    p.add_argument("--layers", default=None, help="comma-separated Conv2d layers (default: the first conv layer)")
-    p.add_argument("--max-channels", type=int, default=None, help="draw at most this many output channels")
-    p.add_argument("--out", required=True, help="result folder (<layer>.png, <layer>/<channel>.png, result.json)")
+    add_layers_arg(p, "Conv2d layers (default: the first conv layer)")
+    p.add_argument("--max-channels", type=positive_int, default=None, help="draw at most this many output channels")
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="result folder (<layer>.png, <layer>/<channel>.png, result.json)")
     p.add_argument("--json", action="store_true", help="print only result.json on stdout")
 
 
@@ -83,7 +104,7 @@ def _filters(args):
     from ..cs231n.filters import filter_pictures
 
     model = load_from_args(args)
-    r = filter_pictures(model, args.out, csv_list(args.layers) if args.layers else None,
+    r = filter_pictures(model, args.out, args.layers,
                         max_channels=args.max_channels, config=_config(args))
     lines = [f"{n}: {d['out_channels']} x {d['in_channels']} x {d['kernel'][0]}x{d['kernel'][1]} ({d['style']}) -> "
              f"{Path(args.out) / d['figure']}" for n, d in r["layers"].items()]
@@ -97,15 +118,18 @@ def _tsne_args(p):
     p.add_argument("--layer", default=None, help="layer whose codes are embedded (default: the one feeding the "
                    "classifier)")
     p.add_argument("--pool", default="avg", choices=("avg", "max", "flatten"), help="spatial pooling of the codes")
-    p.add_argument("--perplexity", type=float, default=None, help="t-SNE perplexity (default: min(30, N/3))")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=None, help="embed at most this many images, evenly spaced")
-    p.add_argument("--tile", type=int, default=48, help="side of each image in the grid picture (default: 48)")
+    p.add_argument("--perplexity", type=positive_float, default=None, help="t-SNE perplexity (default: min(30, N/3))")
+    p.add_argument("--seed", type=int_range(), default=0)
+    p.add_argument("--max-images", type=positive_int, default=None,
+                   help="embed at most this many images, evenly spaced")
+    p.add_argument("--tile", type=int_range(8, 1024), default=48,
+                   help="side of each image in the grid picture (default: 48)")
     p.add_argument("--cache", default=None,
                    help="feature cache folder (default: ~/.cache/zfnet/features; 'none' = no cache)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image decoding processes")
-    p.add_argument("--out", required=True, help="result folder (result.json with the coordinates, tsne_*.png)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="image decoding processes")
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="result folder (result.json with the coordinates, tsne_*.png)")
     p.add_argument("--json", action="store_true", help="print only result.json on stdout")
 
 
@@ -136,17 +160,21 @@ def _tsne(args):
 def _invert_args(p):
     add_model_args(p)
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--layers", default=None, help="comma-separated layers (default: shallow, middle, deep)")
-    p.add_argument("--steps", type=int, default=200, help="optimisation steps per layer (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate on the [0, 1] image")
-    p.add_argument("--lambda-tv", type=float, default=None,
+    add_layers_arg(p, "layers (default: shallow, middle, deep)")
+    p.add_argument("--steps", type=positive_int, default=200,
+                   help="optimisation steps per layer (default: %(default)s)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="Adam learning rate on the [0, 1] image")
+    p.add_argument("--lambda-tv", type=nonnegative_float, default=None,
                    help="total-variation weight (normalised; default: per layer, from 0.005 at the first feature "
                         "layer to 0.5 at the last)")
-    p.add_argument("--lambda-alpha", type=float, default=1e-5, help="alpha-norm weight (normalised; default 1e-5)")
-    p.add_argument("--alpha", type=float, default=6.0, help="alpha of the alpha-norm (default: %(default)s)")
-    p.add_argument("--beta", type=float, default=2.0, help="exponent of the TV regulariser (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="result folder (result.json, inversion.png, reconstructions.npz)")
+    p.add_argument("--lambda-alpha", type=nonnegative_float, default=1e-5,
+                   help="alpha-norm weight (normalised; default 1e-5)")
+    p.add_argument("--alpha", type=positive_float, default=6.0, help="alpha of the alpha-norm (default: %(default)s)")
+    p.add_argument("--beta", type=positive_float, default=2.0,
+                   help="exponent of the TV regulariser (default: %(default)s)")
+    p.add_argument("--seed", type=int_range(), default=0)
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="result folder (result.json, inversion.png, reconstructions.npz)")
     p.add_argument("--json", action="store_true", help="print only result.json on stdout")
 
 
@@ -156,7 +184,7 @@ def _invert(args):
     from ..cs231n.inversion import inversion
 
     model = load_from_args(args)
-    r = inversion(model, args.image, args.out, csv_list(args.layers) if args.layers else None, steps=args.steps,
+    r = inversion(model, args.image, args.out, args.layers, steps=args.steps,
                   lr=args.lr, lambda_tv=args.lambda_tv, lambda_alpha=args.lambda_alpha, alpha=args.alpha,
                   beta=args.beta, seed=args.seed, progress=not args.json, config=_config(args, image=args.image))
     text = "\n".join(f"{x.layer}: code error {x.code_error:.1%}, pixel RMS {x.pixel_rmse:.3f}"
@@ -170,18 +198,19 @@ def _fool_args(p):
     p.add_argument("--method", default="pgd", choices=("pgd", "fgsm"))
     p.add_argument("--eps", type=_fraction, default=8 / 255,
                    help="L-inf budget on the [0, 1] image, e.g. 8/255 (default) or 0.03")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (default: %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=10, help="PGD steps (default: %(default)s)")
     p.add_argument("--step", type=_fraction, default=None, help="PGD step size (default: 2.5 eps / steps)")
     p.add_argument("--target", default=None,
                    help="class to turn every image into (index or name), 'random' (a random other class per "
                         "image); default: untargeted")
-    p.add_argument("--label", nargs="+", default=None, help="true class of each image (default: its prediction)")
-    p.add_argument("--fooling-class", nargs="+", default=None,
+    add_list_arg(p, "--label", default=None, help="true class of each image (default: its prediction)")
+    add_list_arg(p, "--fooling-class", default=None,
                    help="also make Nguyen et al. fooling images of these classes from noise")
-    p.add_argument("--fooling-steps", type=int, default=200)
-    p.add_argument("--confidence", type=float, default=0.99, help="p(class) a fooling image must reach")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="result folder (result.json, fooling.png, images.npz)")
+    p.add_argument("--fooling-steps", type=positive_int, default=200)
+    p.add_argument("--confidence", type=float_range(0.0, 1.0, lo_open=True), default=0.99,
+                   help="p(class) a fooling image must reach")
+    p.add_argument("--seed", type=int_range(), default=0)
+    p.add_argument("--out", type=out_dir, required=True, help="result folder (result.json, fooling.png, images.npz)")
     p.add_argument("--json", action="store_true", help="print only result.json on stdout")
 
 

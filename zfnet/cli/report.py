@@ -3,23 +3,25 @@ write them up as one offline HTML page."""
 
 from __future__ import annotations
 
-from .common import add_model_args, command, csv_list, emit_json, load_from_args
+from .common import add_list_arg, add_model_args, command, emit_json, load_from_args, out_dir, positive_int
 
 
 def _report_args(p):
     add_model_args(p)
     p.add_argument("--data", default=None, help="image folder; class subfolders add Table 7 (default: the sample "
                    "photos shipped with zfnet)")
-    p.add_argument("--out", required=True, help="report folder (index.html, report.json, one folder per step)")
-    p.add_argument("--only", default=None, help="comma-separated steps to run (fig2_atlas, fig5_invariance, "
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="report folder (index.html, report.json, one folder per step)")
+    add_list_arg(p, "--only", default=None, help="steps to run (fig2_atlas, fig5_invariance, "
                    "fig6_diagnose, fig7_occlusion, table7_probes, tsne, activations, filters, inversion, fooling)")
     p.add_argument("--force", action="store_true", help="run every step again, also those already done")
-    p.add_argument("--atlas-layers", default=None,
-                   help="comma-separated layers for Fig. 2 (default: three spread over the depth, within a budget)")
-    p.add_argument("--few-images", type=int, default=3, help="images for Fig. 5 and Fig. 7 (default: %(default)s)")
-    p.add_argument("--max-images", type=int, default=400,
+    add_list_arg(p, "--atlas-layers", default=None, metavar="LAYER",
+                 help="layers for Fig. 2 (default: three spread over the depth, within a budget)")
+    p.add_argument("--few-images", type=positive_int, default=3,
+                   help="images for Fig. 5 and Fig. 7 (default: %(default)s)")
+    p.add_argument("--max-images", type=positive_int, default=400,
                    help="images for diagnose, activations and t-SNE, evenly spaced (default: %(default)s)")
-    p.add_argument("--inversion-steps", type=int, default=150, help="optimisation steps per reconstruction")
+    p.add_argument("--inversion-steps", type=positive_int, default=150, help="optimisation steps per reconstruction")
     p.add_argument("--json", action="store_true", help="print only report.json on stdout")
     p.epilog = ("Resumable: run the same command again and the steps already done are skipped (a step whose "
                 "options changed, or that failed, runs again). A step that fails is reported in its section "
@@ -34,10 +36,10 @@ def _report(args):
     from ..report.run import report
 
     model = load_from_args(args)
-    budgets = Budgets(atlas_layers=csv_list(args.atlas_layers) if args.atlas_layers else None,
+    budgets = Budgets(atlas_layers=args.atlas_layers,
                       few_images=args.few_images, data_images=args.max_images, inversion_steps=args.inversion_steps)
     state = report(model, args.data or str(sample_dir()), args.out, model_name=args.model, weights=args.weights,
-                   budgets=budgets, only=csv_list(args.only) if args.only else None, force=args.force,
+                   budgets=budgets, only=args.only, force=args.force,
                    progress=not args.json)
     if args.json:
         emit_json(state)
