@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..core.errors import ZfnetError
 from ..core.results import read_json
-from .site import _e, _href, _page, _write
+from .site import _document, _e, _href, _write
 
 __all__ = ["write_report", "SECTIONS"]
 
@@ -274,5 +274,5 @@ def write_report(out) -> Path:
             + f"<details><summary>all budgets</summary><pre>{_e(json.dumps(state.get('budgets', {}), indent=1))}"
               f"</pre></details><nav><ol>{toc}</ol></nav>"
             + "".join(_section(out, s) for s in steps))
-    _write(out / "index.html", _page(f"report: {state.get('model', '')}", body, "report.css"))
+    _write(out / "index.html", _document(f"report: {state.get('model', '')}", "report.css", body))
     return out / "index.html"

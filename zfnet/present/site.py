@@ -85,13 +85,25 @@ def _json(value) -> str:
     return json.dumps(value, ensure_ascii=True, separators=(",", ":")).replace("</", "<\\/")
 
 
+def _href(target: str | Path, page_dir: Path) -> str:
+    """Relative, URL-quoted, HTML-escaped link from a page folder to a file (absolute or site-relative)."""
+    rel = os.path.relpath(Path(target), page_dir)
+    return _e(quote(Path(rel).as_posix()))
+
+
+def _document(title: str, css: str, body: str, body_attrs: str = "") -> str:
+    """One HTML page (the atlas's and the report's); css and body_attrs already escaped."""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<title>{_e(title)}</title><link rel="stylesheet" href="{css}"></head>\n'
+            f'<body{body_attrs}>\n{body}\n</body></html>\n')
+
+
 def _page(title: str, body: str, depth: int, nav: str, scripts: list[str] = ()) -> str:
     up = "../" * depth
     tags = "".join(f'<script src="{_url(s, depth)}"></script>' for s in [*scripts, "search.js", "atlas.js"])
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f'<title>{_e(title)}</title><link rel="stylesheet" href="{up}style.css"></head>\n'
-            f'<body data-root="{up or "./"}"><header><nav>{nav}</nav></header>\n{body}\n{tags}</body></html>\n')
+    return _document(title, f"{up}style.css", f"<header><nav>{nav}</nav></header>\n{body}\n{tags}",
+                     f' data-root="{up or "./"}"')
 
 
 def write_site(out: str | os.PathLike) -> Path:
