@@ -216,6 +216,34 @@ SCENARIOS: dict[str, Scenario] = {
     "overlap": Scenario(lambda c, out: ["overlap", c.mixed, c.mixed],
                         lambda out, stdout, err: " among " in err, check_overlap,
                         lambda c, out: ["overlap", c.bad_only, c.mixed]),
+    "evaluate": Scenario(lambda c, out: ["evaluate", *TINY, "--data", c.classes, "--out", out, "--batch-size", "2",
+                                         "--progress", "no"],
+                         lambda out, stdout, err: (out / "table.md").is_file(), check_train,
+                         lambda c, out: ["evaluate", *TINY, "--data", c.bad_classes, "--out", out, "--progress", "no"],
+                         lambda c: c.bad_class_files, examples=4),
+    "activations": Scenario(lambda c, out: ["activations", *TINY, c.mixed, "--out", out, "--layers", "relu2"],
+                            _result, lambda c, out, stdout, err: _listed(err, c.bads),
+                            lambda c, out: ["activations", *TINY, c.bad_only, "--out", out]),
+    "filters": Scenario(lambda c, out: ["filters", *TINY, "--out", out], _result),
+    "tsne": Scenario(lambda c, out: ["tsne", *TINY, "--data", c.classes, "--out", out, "--layer", "relu2",
+                                     "--cache", "none"],
+                     _result, check_train,
+                     lambda c, out: ["tsne", *TINY, "--data", c.bad_classes, "--out", out, "--cache", "none"],
+                     lambda c: c.bad_class_files, examples=4),
+    "invert": Scenario(lambda c, out: ["invert", *TINY, "--out", out, "--layers", "relu2", "--steps", "2"],
+                       _result, per_file=True, goods=("one_pixel.png", "cmyk.jpg", "animated.gif", HOSTILE_NAMES[5]),
+                       examples=4),
+    "fool": Scenario(lambda c, out: ["fool", *TINY, *c.goods, *c.bads, "--out", out, "--steps", "2"],
+                     _result, lambda c, out, stdout, err: (_same_files((e["file"] for e in _json(out)["examples"]),
+                                                                       c.goods), _listed(err, c.bads)),
+                     lambda c, out: ["fool", *TINY, *c.bads, "--out", out], lambda c: c.bads,
+                     fuzz=lambda c, out: ["fool", *TINY, c.goods[0], "--out", out, "--steps", "2"]),
+    # (the probes and the slower CS231n steps have their own tests in tests/report: here the steps that read
+    # every image of the folder, or one)
+    "report": Scenario(lambda c, out: ["report", *TINY, "--data", c.classes, "--out", out, "--few-images", "1",
+                                       "--only", "fig2_atlas,fig7_occlusion,activations,filters"],
+                       lambda out, stdout, err: (out / "index.html").is_file(), check_train, examples=3,
+                       fuzz=lambda c, out: ["report", *TINY, "--data", c.classes, "--out", out, "--only", "filters"]),
 }
 
 
@@ -228,7 +256,7 @@ def test_every_command_has_a_scenario():
 
 # Options whose values are names or paths the command itself resolves (and reports, one line, if wrong).
 FREE_TEXT = {"weights", "data", "parts", "run_dir", "images_root", "cache", "layer", "image", "images",
-             "inputs", "dir_a", "dir_b", "model", "val_data"}
+             "inputs", "dir_a", "dir_b", "model", "val_data", "path", "target"}
 
 
 def _options(name: str) -> list[argparse.Action]:

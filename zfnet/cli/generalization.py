@@ -64,7 +64,7 @@ def _probe_setup(args):
 
 
 def _probe_args(p):
-    from ..generalization.features import POOLS
+    from ..engine.features import POOLS
     from ..generalization.protocol import CLASSIFIERS
 
     _probe_common_args(p)
@@ -90,7 +90,7 @@ def _probe(args):
 
 
 def _fewshot_args(p):
-    from ..generalization.features import POOLS
+    from ..engine.features import POOLS
     from ..generalization.protocol import CLASSIFIERS
 
     _probe_common_args(p)

@@ -3,7 +3,16 @@ write them up as one offline HTML page."""
 
 from __future__ import annotations
 
-from .common import add_list_arg, add_model_args, command, emit_json, load_from_args, out_dir, positive_int
+from .common import (
+    add_list_arg,
+    add_model_args,
+    command,
+    emit_json,
+    load_from_args,
+    out_dir,
+    positive_int,
+    report_skipped,
+)
 
 
 def _report_args(p):
@@ -49,4 +58,5 @@ def _report(args):
             counts[s["status"]] = counts.get(s["status"], 0) + 1
         print(f"report of {len(state['steps'])} steps (" + ", ".join(f"{v} {k}" for k, v in counts.items())
               + f"): {args.out}/index.html")
+    report_skipped(state.get("skipped") or [])
     return 1 if any(s["status"] == "failed" for s in state["steps"]) else 0

@@ -39,7 +39,7 @@ def _train_args(p):
 def _train(args):
     from ..training.recipe import main
 
-    if args.device:
+    if getattr(args, "device", None):  # (absent unless given: the recipe holds the defaults)
         resolve_device(args.device)  # one line if this machine lacks it
     result = main(config_from_args(args))
     return 0 if result["epochs"] else 1
@@ -195,7 +195,7 @@ def _ablate_args(p):
 def _ablate(args):
     from ..training.ablation import ablate, format_table
 
-    if args.device:
+    if getattr(args, "device", None):
         resolve_device(args.device)
     result = ablate(config_from_args(args), args.variants)
     print(format_table(result["variants"]))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.results import save_npz, write_json
 from ..data.images import Batches, ImageDataset, Preprocess, as_input, list_images
 from ..inspect.layers import feature_layers, file_safe, layer_table, run_with_taps
@@ -232,7 +232,7 @@ def activations(model: nn.Module, path, out: str | os.PathLike, layers=None, *, 
         sp = channel_sparsity(model, path, layers, sparse=sparse, max_images=max_images, batch_size=batch_size,
                               preprocess=pre, workers=workers, progress=progress)
         if not sp.images:
-            raise ZfnetError(f"no readable image in {path}")
+            raise NoInputError(f"no readable image in {path}", sp.skipped)
         result["sparsity"] = sp.to_json()
         result["figures"] = {"sparsity": "sparsity.png"}
         render_sparsity(sp, out / "sparsity.png")

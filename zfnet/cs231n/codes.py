@@ -20,7 +20,7 @@ import numpy as np
 import torch.nn as nn
 from PIL import Image
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.results import write_json
 from ..data.images import ImageDataset, list_images, load_image
 from ..engine.features import default_cache_dir, extract_features
@@ -201,6 +201,8 @@ def tsne(model: nn.Module, data, out: str | os.PathLike | None = None, *, layer:
     cache = cache_dir() if callable(cache_dir) else cache_dir
     feats = extract_features(model, ds.paths, [layer], pool=pool, batch_size=batch_size, workers=workers,
                              cache_dir=cache, progress=progress)
+    if not feats.paths:
+        raise NoInputError(f"no readable image in {data}", feats.skipped)
     codes = feats.get(layer, pool)
     y = np.asarray([by_path[p] for p in feats.paths], np.int64)
     coords, info = embed(codes, perplexity=perplexity, seed=seed)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.progress import progress_bar
 from ..core.results import save_npz, write_json
 from ..data.images import Preprocess, load_image
@@ -214,7 +214,7 @@ def fool(model: nn.Module, images, *, method: str = "pgd", eps: float = 8 / 255,
         except ZfnetError as e:
             skipped.append((str(f), str(e)))
     if not xs:
-        raise ZfnetError("no readable image to attack")
+        raise NoInputError("no readable image to attack", skipped)
     p = next(model.parameters())
     x = torch.stack(xs).to(p.device, p.dtype)
     with frozen(model), torch.no_grad():

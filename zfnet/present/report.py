@@ -45,11 +45,13 @@ def _name(path) -> str:
 # ----------------------------------------------------------------------------------------------------
 # One summary per kind of result folder: (figures [(relative path, caption)], rows [(label, value)]).
 def _atlas(r: dict):
-    figs = [(rel, f"layer {layer}: Fig. 2 panel (deconvnet projections | input patches)")
-            for layer, rel in (r.get("figures") or {}).items()]
+    figs = [(f.get("panel", ""), f"layer {layer}: Fig. 2 panel (deconvnet projections | input patches)")
+            for layer, f in (r.get("figures") or {}).items() if isinstance(f, dict)]
     layers = r.get("layers") or {}
+    dead = r.get("dead") or {}
     rows = [("images mined", r.get("images", "–")),
-            ("layers", ", ".join(f"{n} ({len(u)} maps)" for n, u in layers.items()) or "–"),
+            ("layers", ", ".join(f"{n} ({len(u)} maps, {len(dead.get(n) or [])} dead)" for n, u in layers.items())
+             or "–"),
             ("top activations per map", _get(r, "config", "k", default="–")),
             ("projection rule", _get(r, "config", "mode", default="–")),
             ("time", f"{_get(r, 'timing', 'total_s', default='–')} s")]

@@ -71,6 +71,8 @@ def report(model: nn.Module, data, out: str | os.PathLike, *, model_name: str | 
     counts = None
     if labels is not None and classes:
         counts = [labels.count(i) for i in range(len(classes))]
+        if only is None or "table7_probes" in only:
+            counts = _readable_counts(model, data, len(classes), progress)
     b = budgets_for(model, len(paths), counts, budgets)
     ctx = Context(model, model_name, weights, data.resolve(), paths, labels, classes, b, progress)
     steps = plan(ctx, out)
@@ -123,10 +125,37 @@ def report(model: nn.Module, data, out: str | os.PathLike, *, model_name: str | 
             _say(progress, f"{where}: FAILED: {type(e).__name__}: {e}")
         save()
     state["seconds"] = round(time.time() - t_all, 1)
+    state["skipped"] = _skipped(out, state["steps"])
     save()
     failed = [r["name"] for r in state["steps"] if r["status"] == "failed"]
     _say(progress, f"wrote {out / 'index.html'}" + (f"; failed: {', '.join(failed)}" if failed else ""))
     return state
+
+
+def _skipped(out: Path, records: list[dict]) -> list[list[str]]:
+    """[path, why] of every input some finished step could not read (each once), for the end-of-run list."""
+    seen: dict[str, str] = {}
+    for r in records:
+        try:
+            res = read_json(out / r["folder"] / "result.json") if r.get("status") == "done" else {}
+        except (OSError, ValueError):
+            continue
+        for e in (res.get("skipped") or []) if isinstance(res, dict) else []:
+            # the atlas writes {"file", "error"}, the other steps [path, why]
+            path, why = (e.get("file"), e.get("error")) if isinstance(e, dict) else (e[0], e[-1])
+            seen.setdefault(str(path), str(why or f"cannot read {path}"))
+    return [[p, w] for p, w in seen.items()]
+
+
+def _readable_counts(model: nn.Module, data: Path, n_classes: int, progress: bool) -> list[int]:
+    """Images per class that decode: the probes' training share must fit what can be read, not what is
+    listed. Their features are extracted here once, into the cache the probe step then reads."""
+    import numpy as np
+
+    from ..engine.features import default_cache_dir, extract_features
+
+    feats = extract_features(model, data, None, pool=("avg",), cache_dir=default_cache_dir(), progress=progress)
+    return np.bincount(np.asarray(feats.labels, np.int64), minlength=n_classes).tolist()
 
 
 def _record(step, out: Path, status: str, **extra) -> dict:

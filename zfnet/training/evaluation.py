@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..core.errors import ZfnetError
+from ..core.errors import NoInputError, ZfnetError
 from ..core.results import atomic_path, write_json
 from ..data.images import Batches, ImageDataset, Preprocess, list_images
 from ..data.trainset import split_per_class
@@ -94,7 +94,7 @@ def evaluate_models(models, data, *, names: list[str] | None = None, batch_size:
                 correct[r, c, 1] += (top == target[:, None]).any(1).sum().item()
         n += len(y)
     if n == 0:
-        raise ZfnetError(f"none of the {len(paths)} images in {data} could be read")
+        raise NoInputError(f"none of the {len(paths)} images in {data} could be read", batches.skipped)
     err = 100.0 * (1 - correct / n)
     table = [{"model": name, "members": 1} for name in names]
     if len(models) > 1:
