@@ -1,9 +1,14 @@
 """Projection speed on the atlas workload: zfnet.engine.project vs Captum's NeuronDeconvolution, same run.
 
 Workload (Fig. 2 of the paper): for each feature layer, 9 units, each projected at its strongest
-activation on 9 different images (81 single-activation deconv projections per layer). zfnet does each
-layer in one `project(..., pairs=True)` call; Captum gets one `attribute` call per projection, as a user
-would write it. ZFNet has random weights (224 px); SqueezeNet the real ones (skipped without ../shared).
+activation on 9 different images (81 single-activation deconv projections per layer), sent as the atlas
+sends them: one `project(..., pairs=True)` call per layer, one row per (unit, image) pair. Captum gets one
+`attribute` call per projection, as a user would write it. ZFNet has random weights (224 px); SqueezeNet
+the real ones on real photos (skipped without ../shared).
+
+Per layer it prints zfnet's and Captum's projections per second, and the dense limit: one plain forward
+(stopped at the layer) plus one input-gradient backward of the engine's input crop, batched, measured in
+the same run: what a projection would cost with crops alone, no shared passes and no cuts inside the net.
 
     python bench/bench_project.py [--quick]        # --quick: fewer units, < 2 min; prints ratio=<x> last
 """
@@ -11,6 +16,7 @@ would write it. ZFNet has random weights (224 px); SqueezeNet the real ones (ski
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -22,8 +28,10 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from zfnet.engine.crop import plan_crop  # noqa: E402
 from zfnet.engine.project import project  # noqa: E402
-from zfnet.inspect.layers import feature_layers, run_with_taps  # noqa: E402
+from zfnet.engine.rules import projection_state  # noqa: E402
+from zfnet.inspect.layers import feature_layers, layer_table, run_with_taps  # noqa: E402
 from zfnet.models.networks import zfnet  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -52,11 +60,29 @@ def sync(t):
 
 
 def captum_twin(model):
-    twin = __import__("copy").deepcopy(model)
+    twin = copy.deepcopy(model)
     for m in twin.modules():
         if isinstance(m, nn.ReLU):
             m.inplace = False  # Captum cannot hook in-place ReLUs
     return twin
+
+
+def dense_limit(model, x, layer, count):
+    """Seconds for `count` rows of one plain forward to `layer` + one input-gradient backward, on the
+    engine's input crop of this layer, in batches of the engine's default size."""
+    h, w = x.shape[-2:]
+    with projection_state(model):
+        plan = plan_crop(model, layer_table(model, (h, w)), layer)
+        hc, wc = plan.input_shape or (h, w)
+        per_batch = max(1, 32 * 224 * 224 // (hc * wc))
+        t = time.perf_counter()
+        for s in range(0, count, per_batch):
+            rows = min(per_batch, count - s)
+            leaf = x[torch.arange(s, s + rows) % len(x), :, :hc, :wc].clone().requires_grad_(True)
+            with torch.enable_grad():
+                act = run_with_taps(model, leaf.clone(), [layer], detach=False)[layer]
+                torch.autograd.grad(act, leaf, torch.ones_like(act))
+        return time.perf_counter() - t, (hc, wc)
 
 
 def bench_model(name, model, images, n_units, n_images, captum_every=1):
@@ -64,7 +90,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
 
     twin = captum_twin(model)
     mods = dict(twin.named_modules())
-    tot_ours = tot_captum = 0.0
+    tot = [0.0, 0.0, 0.0]  # zfnet, Captum, dense (seconds)
     cpu = [0.0, 0.0]
     count = 0
     print(f"{name}: {n_units} units x {n_images} images per layer")
@@ -73,9 +99,10 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         # backprop_norm=True: Captum backpropagates LRN, so both compute the same numbers.
         project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
         t, t_cpu = time.perf_counter(), time.process_time()
-        ours = project(model, x, units, pairs=True, backprop_norm=True)
+        ours, info = project(model, x, units, pairs=True, backprop_norm=True, return_info=True)
         sync(x)
         t_ours, c_ours = time.perf_counter() - t, time.process_time() - t_cpu
+        t_dense, crop = dense_limit(model, x, layer, len(units))
         # Captum: one call per projection, on a subset if asked (time scaled to the full count).
         idx = list(range(0, len(units), captum_every))
         deconv = NeuronDeconvolution(twin, mods[layer])
@@ -83,8 +110,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for k in idx:
-                u = units[k].split(":")[1]
-                c, yx = u.split("@")
+                c, yx = units[k].split(":")[1].split("@")
                 y, x_ = map(int, yx.split(","))
                 ref = deconv.attribute(x[k:k + 1].clone(), (int(c), y, x_))
         sync(x)
@@ -94,17 +120,18 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         with torch.no_grad():
             a = run_with_taps(model, x[k:k + 1], [layer])[layer][0, int(c), y, x_]
         err = (ours[k] - ref[0] * a).abs().max().item() / max(ref.abs().max().item() * abs(a.item()), 1e-30)
-        tot_ours += t_ours
-        tot_captum += t_captum
+        for i, v in enumerate((t_ours, t_captum, t_dense)):
+            tot[i] += v
         cpu[0] += c_ours
         cpu[1] += c_captum
         count += len(units)
-        print(f"  {layer:12s} zfnet {len(units) / t_ours:8.1f}/s   captum {len(units) / t_captum:7.1f}/s   "
-              f"x{t_captum / t_ours:6.1f} (cpu time x{c_captum / c_ours:6.1f})   (rel. diff of a check {err:.1e})",
-              flush=True)
-    print(f"  {name} total: zfnet {count / tot_ours:.1f} proj/s, captum {count / tot_captum:.1f} proj/s, "
-          f"ratio {tot_captum / tot_ours:.1f} (cpu time ratio {cpu[1] / cpu[0]:.1f})")
-    return count, tot_ours, tot_captum, cpu[0], cpu[1]
+        n = len(units)
+        print(f"  {layer:12s} zfnet {n / t_ours:8.1f}/s   captum {n / t_captum:7.1f}/s   dense limit "
+              f"{n / t_dense:8.1f}/s (crop {crop[0]}x{crop[1]})   forward rows {info.forward_rows}/{n}   "
+              f"(rel. diff of a check {err:.1e})   x{t_captum / t_ours:.1f}", flush=True)
+    print(f"  {name} total: zfnet {count / tot[0]:.1f} proj/s, captum {count / tot[1]:.1f} proj/s, dense limit "
+          f"{count / tot[2]:.1f} proj/s, cpu time ratio {cpu[1] / cpu[0]:.1f}, ratio={tot[1] / tot[0]:.1f}")
+    return count, tot, cpu
 
 
 def main(argv=None):
@@ -134,11 +161,10 @@ def main(argv=None):
     else:
         print(f"squeezenet1_1 skipped: {weights} or {samples} missing")
     count = sum(r[0] for r in results)
-    ours = sum(r[1] for r in results)
-    captum = sum(r[2] for r in results)
-    cpu_ratio = sum(r[4] for r in results) / sum(r[3] for r in results)
-    print(f"all: zfnet {count / ours:.1f} proj/s, captum {count / captum:.1f} proj/s "
-          f"({torch.get_num_threads()} threads); cpu time ratio {cpu_ratio:.1f}")
+    ours, captum, dense = (sum(r[1][i] for r in results) for i in range(3))
+    cpu_ratio = sum(r[2][1] for r in results) / sum(r[2][0] for r in results)
+    print(f"all: zfnet {count / ours:.1f} proj/s, captum {count / captum:.1f} proj/s, dense limit "
+          f"{count / dense:.1f} proj/s ({torch.get_num_threads()} threads); cpu time ratio {cpu_ratio:.1f}")
     print(f"ratio={captum / ours:.1f}")
 
 

@@ -357,8 +357,9 @@ def test_crop_exact_on_squeezenet(squeezenet, photo):
         units += border_units(table, layer, channel, ys=(0, -1), xs=(-1,))
     full = assert_crop_exact(squeezenet, photo, units)
     assert (full.flatten(2).abs().amax(2) > 0).float().mean() > 0.5  # most of them are not trivially zero
-    crop = plan_crop(squeezenet, table, parse_unit("features.7:0@6,6"), (224, 224))
-    assert crop is not None and crop.hc * crop.wc < 0.5 * 224 * 224  # an interior unit is really cropped
+    plan = plan_crop(squeezenet, table, parse_unit("features.7:0@6,6"), (224, 224))
+    hc, wc = plan.input_shape
+    assert hc * wc < 0.5 * 224 * 224  # an interior unit is really cropped
 
 
 @pytest.mark.parametrize("size", [(231, 237)])
@@ -382,24 +383,132 @@ def test_crop_exact_on_every_layer_kind(size):
     assert_crop_exact(ours, x, units[::5], "saliency")
 
 
-def test_no_crop_after_global_ops():
+class Squeeze(nn.Module):  # squeeze-and-excitation: a global mean feeds back into every position
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.conv2 = nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+        return self.conv2(x)
+
+
+def test_no_crop_after_global_ops_and_it_says_so(capsys):
     from zfnet.engine.crop import croppable
-
-    class Squeeze(nn.Module):  # squeeze-and-excitation: a global mean feeds back into every position
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 4, 3)
-            self.conv2 = nn.Conv2d(4, 4, 3)
-
-        def forward(self, x):
-            x = self.conv1(x)
-            x = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
-            return self.conv2(x)
 
     m = Squeeze()
     assert croppable(m, "conv1", (16, 16)) and not croppable(m, "conv2", (16, 16))
     x = torch.randn(1, 3, 16, 16)
-    assert_crop_exact(m, x, ["conv2:1@5,5", "conv2:2@0,11"])
+    assert_crop_exact(m, x, ["conv2:1@5,5", "conv2:2@0,11"])  # on a float64 copy
+    capsys.readouterr()
+    _, info = project(m, x, ["conv2:1@5,5", "conv1:0@3,3"], return_info=True)
+    assert info.crops["conv2"] == "not cropped: mean runs before it"
+    assert info.crops["conv1"].startswith("cropped to the receptive field")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "conv2: not cropped: mean runs before it" in err[0]  # once per model and layer
+    project(m, x, ["conv2:1@5,5"])
+    assert capsys.readouterr().err == ""
+
+
+class Residual(nn.Module):
+    """A ResNet-like stem and basic block: skip connection, batch norm (eval), ceil-mode max pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                                  nn.MaxPool2d(3, 2, ceil_mode=True))
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.head = nn.Conv2d(8, 4, 3, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return self.head(self.relu(x + y))
+
+
+def test_crop_exact_through_skip_connections_and_batch_norm():
+    torch.manual_seed(2)
+    m = Residual().eval()
+    for bn in (m.stem[1], m.bn1, m.bn2):
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 61, 58)
+    table = layer_table(m, (61, 58))
+    units = [u for layer in ("stem.3", "bn2", "relu", "head") for u in border_units(table, layer, 1, ys=(0, 1, -1),
+                                                                                     xs=(0, -1))]
+    full = assert_crop_exact(m, x, units)
+    assert (full.flatten(2).abs().amax(2) > 0).float().mean() > 0.5
+    assert_crop_exact(m, x, units[::3], "guided")
+
+
+def test_one_crop_rule_batches_a_layer_in_few_shapes(zf):
+    from zfnet.engine.crop import plan_crop
+
+    model, _ = zf
+    table = layer_table(model, 224)
+    for layer in ("relu2", "relu5"):
+        plan = plan_crop(model, table, layer)
+        i = table[layer]
+        shapes = {tuple(s[1] for s in plan.place(parse_unit(f"{layer}:0@{y},{x}")))
+                  for y in range(i.height) for x in range(i.width)}
+        assert len(shapes) <= 9, shapes  # three lengths per axis
+        f = i.field
+        for y in range(i.height):  # every crop holds the field's part inside the image, starts on the grid
+            (oy, ly), _ = plan.place(parse_unit(f"{layer}:0@{y},0"))
+            r0, r1 = f.start_y + y * f.jump_y, f.start_y + y * f.jump_y + f.size_y
+            assert oy % f.jump_y == 0 and oy <= max(r0, 0) and min(r1, 224) <= oy + ly <= 224
+            assert (r0 >= 0 or oy == 0) and (r1 <= 224 or oy + ly == 224)  # never crops across a border
+
+
+def test_shared_forward_passes_give_the_unshared_numbers():
+    ours, _ = zoo_pair()
+    ours = copy.deepcopy(ours).double().eval()
+    x = torch.randn(3, 3, 21, 19, dtype=torch.float64)
+    # The atlas's call: one row per (unit, image) pair, so an image comes once for each of its units.
+    rows = [0, 0, 1, 0, 2, 1, 0]
+    units = ["relu3:1", "fire:6", "fire:6", "fc:2", "relu1:3@4,5", "relu1:3@4,5", "relu1:3@4,5"]
+    got, info = project(ours, x[rows], units, pairs=True, return_info=True)
+    one_by_one = torch.cat([project(ours, x[r:r + 1], [u], pairs=True) for r, u in zip(rows, units)])
+    assert torch.allclose(got, one_by_one, atol=1e-12)
+    assert info.forward_rows == 5 and info.projections == 7  # image 0's whole-image units share a pass
+    every, info = project(ours, x, ["relu3:1", "fire:6", "fc:2"], return_info=True)
+    assert info.forward_rows == 3  # each image's three units: one forward pass, three backward
+    assert torch.allclose(every[:, 1], project(ours, x, ["fire:6"])[:, 0], atol=1e-12)
+
+
+def test_window_returns_the_receptive_field_and_loses_nothing(zf):
+    import torch.nn.functional as F
+
+    model, _ = zf
+    model = copy.deepcopy(model).double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    table = layer_table(model, 224)
+    units = border_units(table, "relu3", 5, ys=(0, -1), xs=(0, -1))
+    f = table["relu3"].field
+    full = project(model, x, units)
+    win = project(model, x, units, window=True)
+    smooth = project(model, x, units[:2], window=True, smooth="smoothgrad", samples=2, sigma=0.1)
+    assert win.shape == (2, len(units), 3, f.size_y, f.size_x)
+    pad = F.pad(full, (f.size_x, f.size_x, f.size_y, f.size_y))  # so windows past the borders read zeros
+    for k, u in enumerate(units):
+        u = parse_unit(u)
+        y0, x0 = f.start_y + u.y * f.jump_y + f.size_y, f.start_x + u.x * f.jump_x + f.size_x
+        inside = pad[:, k, :, y0:y0 + f.size_y, x0:x0 + f.size_x]
+        assert torch.equal(win[:, k], inside)
+        assert torch.isclose(inside.abs().sum(), full[:, k].abs().sum(), rtol=1e-12)  # nothing outside the field
+    full_smooth = F.pad(project(model, x, units[:2], smooth="smoothgrad", samples=2, sigma=0.1),
+                        (f.size_x, f.size_x, f.size_y, f.size_y))
+    for k, u in enumerate(units[:2]):
+        u = parse_unit(u)
+        y0, x0 = f.start_y + u.y * f.jump_y + f.size_y, f.start_x + u.x * f.jump_x + f.size_x
+        assert torch.allclose(smooth[:, k], full_smooth[:, k, :, y0:y0 + f.size_y, x0:x0 + f.size_x], atol=1e-12)
+    with pytest.raises(Exception, match="window=True needs"):
+        project(model, x, ["relu3:1"], window=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -458,3 +567,34 @@ def test_cli_project_bad_input_is_one_line(tmp_path, capsys, args, message):
     rc = main(["project", "--model", "zfnet", "--weights", "none", image, "--out", str(tmp_path / "o")] + args)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("extra, slug, kw", [
+    (["--target", "3", "--mode", "saliency"], "target_3", dict(target=3, mode="saliency")),
+    (["--target", "3", "--score", "log_prob", "--mode", "guided"], "target_3",
+     dict(target=3, mode="guided", score="log_prob")),
+    (["--unit", "relu5:2", "--unit", "relu4:7@3,3", "--aggregate", "--seed", "one"], "aggregate",
+     dict(units=["relu5:2", "relu4:7@3,3"], aggregate=True, seed="one")),
+    (["--unit", "relu5:2@6,6", "--seed", "one", "--smooth", "vargrad", "--samples", "3", "--sigma", "0.1",
+      "--noise-seed", "5"], "relu5_2_y6_x6",
+     dict(units=["relu5:2@6,6"], seed="one", smooth="vargrad", samples=3, sigma=0.1, noise_seed=5)),
+])
+def test_cli_project_seed_target_aggregate_smooth(tmp_path, extra, slug, kw):
+    import numpy as np
+
+    from zfnet.cli import main
+    from zfnet.data.samples import sample_dir
+    from zfnet.models.weights import load_model
+
+    image = str(sorted(sample_dir().glob("*.jpg"))[0])
+    torch.manual_seed(0)
+    assert main(["project", "--model", "zfnet", "--weights", "none", image, "--out", str(tmp_path), "--save-npy"]
+                + extra) == 0
+    raw = np.load(tmp_path / f"{slug}.npy")
+    x = torch.from_numpy(np.load(tmp_path / "input.npy"))
+    torch.manual_seed(0)  # the same random weights as the CLI's
+    model = load_model("zfnet", None)
+    ref = project(model, x, **kw)
+    ref = ref[0, 0] if ref.dim() == 5 else ref[0]
+    assert raw.shape == (1, 3, 224, 224) and ref.abs().max() > 0
+    assert np.abs(raw[0] - ref.numpy()).max() <= 1e-5 * ref.abs().max().item()

@@ -6,7 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import ZfnetError
-from .common import add_model_args, command, emit_json, int_range, load_from_args, out_dir, unit_address
+from .common import (
+    add_model_args,
+    command,
+    emit_json,
+    int_range,
+    load_from_args,
+    nonnegative_float,
+    nonnegative_int,
+    out_dir,
+    positive_int,
+    unit_address,
+)
 
 MAX_TABLE_SIZE = 2048  # the probing pass keeps every layer's output: bounded memory
 
@@ -46,6 +57,24 @@ def _project_args(p):
                         "saliency = the plain gradient")
     p.add_argument("--backprop-norm", action="store_true",
                    help="backpropagate LRN instead of passing it through (deconv mode)")
+    p.add_argument("--target", type=nonnegative_int, default=None, metavar="CLASS",
+                   help="project an output class score instead of units (saliency mode: Simonyan et al.'s "
+                        "saliency map, CS231n's data gradient); written as target_<CLASS>.png")
+    p.add_argument("--score", default="logit", choices=["logit", "log_prob", "prob"],
+                   help="the target's score: logit (default: before the softmax; a model ending in a softmax is "
+                        "scored on its input), log_prob or prob")
+    p.add_argument("--seed", default=None, choices=["activation", "one"],
+                   help="what the backward pass starts from: activation (the paper's; default for units) or one "
+                        "(Captum's; default for a target): a unit whose activation is 0 projects only with one")
+    p.add_argument("--aggregate", action="store_true",
+                   help="sum all --unit's into one objective: one picture, aggregate.png")
+    p.add_argument("--smooth", default=None, choices=["smoothgrad", "smoothgrad_sq", "vargrad"],
+                   help="average (smoothgrad), mean square (smoothgrad_sq) or variance (vargrad) over noisy copies")
+    p.add_argument("--samples", type=positive_int, default=50, help="noisy copies for --smooth (default: %(default)s)")
+    p.add_argument("--sigma", type=nonnegative_float, default=0.15,
+                   help="noise std for --smooth, as a fraction of the image's range (default: %(default)s)")
+    p.add_argument("--noise-seed", type=nonnegative_int, default=0,
+                   help="seed of the --smooth noise (default: %(default)s)")
     p.add_argument("--out", type=out_dir, required=True, help="output folder: one PNG per unit, named after the unit")
     p.add_argument("--save-npy", action="store_true",
                    help="also write input.npy (the preprocessed input, 1x3xHxW float32) and <unit>.npy "
@@ -71,8 +100,16 @@ def _project(args):
     param = next(model.parameters())
     x = Preprocess.for_model(model)(image).unsqueeze(0).to(param.device, param.dtype)
     table = layer_table(model, tuple(x.shape[-2:]))
-    units = [parse_unit(u, table) for u in args.unit] if args.unit else [strongest_map(model, x)]
-    proj = project(model, x, units, args.mode, backprop_norm=args.backprop_norm)[0]  # (U, 3, H, W)
+    if args.target is not None and not args.unit:
+        units, names = None, [f"target {args.target}"]
+    else:
+        units = [parse_unit(u, table) for u in args.unit] if args.unit else [strongest_map(model, x)]
+        names = ["aggregate " + " + ".join(map(str, units))] if args.aggregate else [str(u) for u in units]
+    proj = project(model, x, units, args.mode, backprop_norm=args.backprop_norm, seed=args.seed, target=args.target,
+                   score=args.score, aggregate=args.aggregate, smooth=args.smooth, samples=args.samples,
+                   sigma=args.sigma, noise_seed=args.noise_seed)
+    proj = proj if units is None or args.aggregate else proj[0]  # (U, 3, H, W)
+    slugs = [f"target_{args.target}"] if units is None else ["aggregate"] if args.aggregate else [u.slug for u in units]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -83,9 +120,9 @@ def _project(args):
 
     if args.save_npy:
         save_npy(out / "input.npy", x.detach().cpu().float().numpy())
-    for u, p in zip(units, proj):
-        save_png(signed_to_rgb(p), out / f"{u.slug}.png")
+    for name, slug, p in zip(names, slugs, proj):
+        save_png(signed_to_rgb(p), out / f"{slug}.png")
         if args.save_npy:
-            save_npy(out / f"{u.slug}.npy", p.unsqueeze(0).detach().cpu().float().numpy())
-        print(f"{u}: max |projection| {p.abs().max().item():.4g} -> {out / (u.slug + '.png')}")
+            save_npy(out / f"{slug}.npy", p.unsqueeze(0).detach().cpu().float().numpy())
+        print(f"{name}: max |projection| {p.abs().max().item():.4g} -> {out / (slug + '.png')}")
     return 0
