@@ -11,6 +11,7 @@ Per layer it prints zfnet's and Captum's projections per second, and the dense l
 the same run: what a projection would cost with crops alone, no shared passes and no cuts inside the net.
 
     python bench/bench_project.py [--quick]        # --quick: fewer units, < 2 min; prints ratio=<x> last
+    python bench/bench_project.py --device cuda    # both on the GPU (times synchronised)
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def dense_limit(model, x, layer, count):
         plan = plan_crop(model, layer_table(model, (h, w)), layer)
         hc, wc = plan.input_shape or (h, w)
         per_batch = max(1, 32 * 224 * 224 // (hc * wc))
+        sync(x)
         t = time.perf_counter()
         for s in range(0, count, per_batch):
             rows = min(per_batch, count - s)
@@ -82,6 +84,7 @@ def dense_limit(model, x, layer, count):
             with torch.enable_grad():
                 act = run_with_taps(model, leaf.clone(), [layer], detach=False)[layer]
                 torch.autograd.grad(act, leaf, torch.ones_like(act))
+        sync(x)
         return time.perf_counter() - t, (hc, wc)
 
 
@@ -98,6 +101,7 @@ def bench_model(name, model, images, n_units, n_images, captum_every=1):
         x, units = workload(model, images, layer, n_units, n_images)
         # backprop_norm=True: Captum backpropagates LRN, so both compute the same numbers.
         project(model, x[:2], units[:2], pairs=True, backprop_norm=True)  # warm-up (layer table, crop probe)
+        sync(x)
         t, t_cpu = time.perf_counter(), time.process_time()
         ours, info = project(model, x, units, pairs=True, backprop_norm=True, return_info=True)
         sync(x)
@@ -164,7 +168,8 @@ def main(argv=None):
     ours, captum, dense = (sum(r[1][i] for r in results) for i in range(3))
     cpu_ratio = sum(r[2][1] for r in results) / sum(r[2][0] for r in results)
     print(f"all: zfnet {count / ours:.1f} proj/s, captum {count / captum:.1f} proj/s, dense limit "
-          f"{count / dense:.1f} proj/s ({torch.get_num_threads()} threads); cpu time ratio {cpu_ratio:.1f}")
+          f"{count / dense:.1f} proj/s ({args.device}, {torch.get_num_threads()} threads); "
+          f"cpu time ratio {cpu_ratio:.1f}")
     print(f"ratio={captum / ours:.1f}")
 
 
