@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zfnet.engine.incremental import Incremental
-from zfnet.understanding.occlusion import occluded_outputs, occluder_boxes
+from zfnet.engine.incremental import Incremental, Unsupported
+from zfnet.engine.occluder import occluded_outputs, occluder_boxes
 
 
 class _Region(nn.Module):
@@ -44,21 +44,27 @@ class _ResNetLike(nn.Module):
 
 
 def _kinds(model, x, track=None):
-    engine = Incremental.build(model, x, track)
-    assert engine is not None, "the engine declined a model it should follow"
-    return {n.fx.target if n.fx.op == "call_module" else n.fx.name: n.kind for n in engine.nodes}
+    """Node kinds by fx node name and by layer name (a module call: "blocks.0", "blocks.0#2")."""
+    engine = Incremental.build(model, x, [track] if track else [])
+    out = {n.fx.name: n.kind for n in engine.nodes}
+    out.update({name: engine.nodes[i].kind for name, i in engine.calls.items()})
+    return out
 
 
-def _same_as_naive(m, x, size, stride, track=None, rtol=1e-5):
+def _same_as_naive(m, x, size, stride, track=None, rtol=1e-5, method="incremental"):
+    """The engine's outputs (and tracked totals) equal full forward passes; returns how it ran."""
     rows = occluder_boxes(x.shape[-2], size, stride)
     cols = occluder_boxes(x.shape[-1], size, stride)
     boxes = [(a, b, c, d) for a, b in rows for c, d in cols]
-    o1, s1 = occluded_outputs(m, x, boxes, track=track, batch_size=16)
-    o2, s2 = occluded_outputs(m, x, boxes, track=track, method="naive", batch_size=16)
+    tracks = [track] if track is not None else []
+    fast = occluded_outputs(m, x, boxes, tracks=tracks, batch_size=16, method=method)
+    slow = occluded_outputs(m, x, boxes, tracks=tracks, method="naive", batch_size=16)
+    o1, o2 = fast.outputs, slow.outputs
     assert torch.allclose(o1, o2, rtol=rtol, atol=rtol * o2.abs().max().item())
-    if track is not None:
+    for s1, s2 in zip(fast.tracks, slow.tracks):
         assert torch.allclose(s1, s2, rtol=rtol, atol=rtol * s2.abs().max().item())
     assert (o2 != o2[0]).any()  # not trivially constant
+    return fast
 
 
 def test_incremental_equals_naive_resnet_like():
@@ -169,12 +175,14 @@ class _Twice(nn.Module):
         return self.blocks[0](self.blocks[0](x)).mean((2, 3))
 
 
-def test_opaque_module_called_twice_runs_on_full_maps():
+def test_opaque_module_called_twice_is_cropped_at_each_call():
+    """Each call is its own graph node, with its receptive field measured on its own input."""
     torch.manual_seed(0)
     m = _Twice().double()
     x = torch.randn(1, 4, 24, 24, dtype=torch.float64)
-    assert _kinds(m, x)["blocks.0"] == "global"
-    _same_as_naive(m, x, 5, 4, rtol=1e-10)
+    kinds = _kinds(m, x)
+    assert kinds["blocks.0"] == kinds["blocks.0#2"] == "box"
+    _same_as_naive(m, x, 5, 4, rtol=1e-10, track="blocks.0#2")
 
 
 class _Aliased(nn.Module):
@@ -194,10 +202,13 @@ def test_engine_declines_what_it_cannot_follow():
     torch.manual_seed(0)
     m = _Aliased()
     x = torch.randn(1, 3, 16, 16)
-    assert Incremental.build(_Region(), x) is not None  # slicing runs on full maps, but is followed
-    assert Incremental.build(m, x) is None
-    assert Incremental.build(_ResNetLike().train(), torch.randn(1, 3, 64, 64)) is None  # batch statistics
-    _same_as_naive(m, x, 4, 4)  # falls back to full forward passes
+    Incremental.build(_Region(), x)  # slicing runs on full maps, but is followed
+    with pytest.raises(Unsupported, match="does not reproduce"):
+        Incremental.build(m, x)
+    with pytest.raises(Unsupported, match="training mode"):  # batch statistics
+        Incremental.build(_ResNetLike().train(), torch.randn(1, 3, 64, 64))
+    ran = _same_as_naive(m, x, 4, 4)  # falls back to full forward passes, and says so
+    assert ran.method == "naive" and "cannot follow" in ran.reason and ran.positions["naive"] == 16
 
 
 def test_squeezenet_is_followed_inside_its_fire_modules():
@@ -212,3 +223,300 @@ def test_squeezenet_is_followed_inside_its_fire_modules():
     assert kinds["cat_7"] == kinds["features.12.expand3x3_activation"] == "point"
     assert kinds["classifier.3"] == "mean" and kinds["flatten"] == "global"
     _same_as_naive(m, x, 24, 24, track="features.12")
+
+
+class _BufferViewNet(nn.Module):
+    """`x + buffer -> conv -> .view(-1, 8)`: a one-channel image (so channels-last and contiguous look the
+    same to PyTorch) and a view that needs the model's own memory layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("offset", torch.linspace(0, 1, 16).view(1, 1, 4, 4))
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x + self.offset)).view(-1, 8))
+
+
+def test_view_after_a_one_channel_conv_does_not_crash():
+    torch.manual_seed(0)
+    m = _BufferViewNet().eval()
+    x = torch.randn(1, 1, 4, 4)
+    _same_as_naive(m, x, 2, 1)
+
+
+class _PositionalBias(nn.Module):
+    """A constant map added to the image (a positional bias): pointwise, the constant cropped with the window."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.randn(1, 3, 24, 24))
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x + self.bias)).mean((2, 3)))
+
+
+def test_constant_maps_are_cropped_with_the_window():
+    torch.manual_seed(0)
+    m = _PositionalBias().double().eval()
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    kinds = _kinds(m, x)
+    assert kinds["add"] == "point" and kinds["conv"] == "window" and kinds["mean"] == "mean"
+    _same_as_naive(m, x, 5, 3, rtol=1e-10)
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck: one ReLU module called three times, `out += identity`."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+@pytest.mark.parametrize("track", ["1.relu", "1.relu#2", "1.relu#3", "2.relu#3", "1"])
+def test_a_module_called_three_times_is_three_nodes(track):
+    """Each call of the shared ReLU is its own node; `name#k` is the k-th call (the layer table's names)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), _Bottleneck(6), _Bottleneck(6), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(6, 3)).double().eval()
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_()
+            mod.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    kinds = _kinds(m, x, track)
+    assert kinds["1.relu"] == kinds["1.relu#2"] == kinds["1.relu#3"] == "point"
+    ran = _same_as_naive(m, x, 7, 5, track=track, rtol=1e-10)
+    assert ran.method == "incremental"
+    with pytest.raises(Unsupported, match="not a module call"):
+        Incremental.build(m, x, ["1.relu#4"])
+
+
+def _channel_shuffle(x, groups):
+    batchsize, num_channels, height, width = x.size()
+    x = x.view(batchsize, groups, num_channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, -1, height, width)
+
+
+class _ShuffleBlock(nn.Module):
+    """ShuffleNetV2's unit (torchvision's code): chunk into two halves, one through a branch, concatenate,
+    shuffle the channels through a 5-D view and a transpose."""
+
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.branch2 = nn.Sequential(nn.Conv2d(h, h, 1), nn.ReLU(), nn.Conv2d(h, h, 3, padding=1, groups=h),
+                                     nn.Conv2d(h, h, 1), nn.ReLU())
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        return _channel_shuffle(torch.cat((x1, self.branch2(x2)), dim=1), 2)
+
+
+def test_channel_splits_and_shuffles_are_followed():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, 2), _ShuffleBlock(8), _ShuffleBlock(8), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    kinds = _kinds(m, x, "2")
+    assert kinds["chunk"] == "split" and kinds["getitem"] == "pick" and kinds["cat"] == "point"
+    assert kinds["view"] == kinds["transpose"] == kinds["view_1"] == "point"
+    _same_as_naive(m, x, 6, 5, track="2", rtol=1e-10)
+
+
+class _NHWCBlock(nn.Module):
+    """ConvNeXt's block: depthwise conv, then LayerNorm / Linear / GELU on channels-last values, a layer
+    scale and the residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+        self.gamma = nn.Parameter(torch.rand(c))
+
+    def forward(self, x):
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+def test_channels_last_blocks_are_pointwise():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 4, 4), _NHWCBlock(8), _NHWCBlock(8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(8, 3)).double().eval()
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    kinds = _kinds(m, x)
+    assert {kinds[k] for k in ("permute", "1.norm", "1.fc1", "gelu", "mul", "permute_1", "add")} == {"point"}
+    _same_as_naive(m, x, 12, 8, track="2", rtol=1e-10)
+
+
+class _Functional(nn.Module):
+    """Functional convolution and pooling, a channel slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 3, 3, 3))
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w, padding=1))
+        x = F.max_pool2d(x, 3, 2, 1)
+        x = F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)[:, :4]
+        return x.mean((2, 3))
+
+
+def test_functional_windows_and_channel_slices():
+    torch.manual_seed(0)
+    m = _Functional().double()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    kinds = _kinds(m, x)
+    assert kinds["conv2d"] == kinds["max_pool2d"] == kinds["avg_pool2d"] == "window"
+    assert kinds["getitem"] == "point" and kinds["mean"] == "mean"
+    _same_as_naive(m, x, 6, 4, rtol=1e-10)
+
+
+class _ShapeCheck(nn.Module):
+    """timm VGG's pre-logits: Python control flow on the input's shape, which fx cannot trace."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        if x.shape[-2] < 3 or x.shape[-1] < 3:
+            x = F.adaptive_avg_pool2d(x, 3)
+        return torch.relu(self.conv(x))
+
+
+def test_untraceable_modules_become_opaque_calls():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(_ShapeCheck(4), nn.ReLU()), _ShapeCheck(4),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten()).double().eval()
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    engine = Incremental.build(m, x, ["1.0"])
+    assert engine.leaves == ["1.0", "2"]  # only the modules fx cannot trace, not their parents
+    kinds = _kinds(m, x)
+    assert kinds["1.0"] == kinds["2"] == "box" and kinds["1.1"] == "point"
+    _same_as_naive(m, x, 5, 4, track="1.0", rtol=1e-10)
+
+
+class _SqueezeExcite(nn.Module):
+    """A gate computed from the whole map multiplies every position: an occluder anywhere changes all."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+def test_squeeze_excitation_runs_full_maps_and_auto_says_why():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), _SqueezeExcite(4), _SqueezeExcite(4), nn.Conv2d(4, 32, 3),
+                      nn.Conv2d(32, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    kinds = _kinds(m, x)
+    assert kinds["1.conv"] == "window" and kinds["mul"] == "global" and kinds["2.conv"] == "global"
+    ran = _same_as_naive(m, x, 8, 6, rtol=1e-10, method="auto")
+    assert ran.method == "naive" and "would still do" in ran.reason
+
+
+def _occlude(m, x, size, stride, **kw):
+    rows, cols = occluder_boxes(x.shape[-2], size, stride), occluder_boxes(x.shape[-1], size, stride)
+    boxes = [(a, b, c, d) for a, b in rows for c, d in cols]
+    return occluded_outputs(m, x, boxes, batch_size=8, **kw), boxes
+
+
+def test_an_exception_inside_the_engine_falls_back_to_full_passes(monkeypatch):
+    torch.manual_seed(0)
+    m = _ResNetLike().eval()
+    x = torch.randn(1, 3, 64, 64)
+    slow, _ = _occlude(m, x, 13, 9, method="naive")
+    calls = []
+    run = Incremental.run
+
+    def flaky(self, boxes, locations=None):
+        calls.append(len(boxes))
+        if len(calls) == 2:
+            raise RuntimeError("view size is not compatible with input tensor's size and stride")
+        return run(self, boxes, locations)
+
+    monkeypatch.setattr(Incremental, "run", flaky)
+    fast, boxes = _occlude(m, x, 13, 9, method="incremental")
+    assert fast.method == "incremental+naive" and fast.positions == {"incremental": calls[0],
+                                                                     "naive": len(boxes) - calls[0]}
+    assert "failed after" in fast.reason and "view size is not compatible" in fast.reason
+    assert torch.allclose(fast.outputs, slow.outputs, rtol=1e-5, atol=1e-5 * slow.outputs.abs().max().item())
+
+
+class _Clock:
+    """A stand-in for time.perf_counter in zfnet.engine.occluder: `cost` seconds per position of each method."""
+
+    def __init__(self, monkeypatch, cost):
+        import zfnet.engine.occluder as occ
+
+        self.now, self.cost = 0.0, cost
+        clock = self
+
+        class _Time:
+            @staticmethod
+            def perf_counter():
+                return clock.now
+
+        monkeypatch.setattr(occ, "time", _Time)
+        run, naive = Incremental.run, occ._naive
+
+        def timed_run(engine, boxes, locations=None):
+            clock.now += cost["incremental"] * len(boxes)
+            return run(engine, boxes, locations)
+
+        def timed_naive(model, x, boxes, *args):
+            clock.now += cost["naive"] * len(boxes)
+            return naive(model, x, boxes, *args)
+
+        monkeypatch.setattr(Incremental, "run", timed_run)
+        monkeypatch.setattr(occ, "_naive", timed_naive)
+
+
+@pytest.mark.parametrize("incremental,expect", [(1.0, "incremental"), (3.0, "naive")])
+def test_auto_keeps_the_method_measured_faster(monkeypatch, incremental, expect):
+    """The probe times a few positions both ways and keeps the faster; its results are not thrown away."""
+    torch.manual_seed(0)
+    m = _ResNetLike().eval()
+    x = torch.randn(1, 3, 64, 64)
+    _Clock(monkeypatch, {"incremental": incremental, "naive": 2.0})
+    ran, boxes = _occlude(m, x, 13, 9)
+    assert ran.method == expect and ran.positions[expect] == len(boxes)
+    assert f"{2.0 / incremental:.2f}x the speed of full passes on 8 probe positions" in ran.reason
+
+
+def test_auto_refuses_an_engine_that_disagrees_with_full_passes(monkeypatch):
+    torch.manual_seed(0)
+    m = _ResNetLike().eval()
+    x = torch.randn(1, 3, 64, 64)
+    run = Incremental.run
+
+    def wrong(self, boxes, locations=None):
+        out, tracks = run(self, boxes, locations)
+        return out + 1.0, tracks
+
+    monkeypatch.setattr(Incremental, "run", wrong)
+    slow, _ = _occlude(m, x, 13, 9, method="naive")
+    ran, boxes = _occlude(m, x, 13, 9)
+    assert ran.method == "naive" and "differed from full passes" in ran.reason
+    assert torch.equal(ran.outputs, slow.outputs)

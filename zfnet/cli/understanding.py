@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.errors import NoInputError, ZfnetError
 from .common import (
     add_layers_arg,
     add_list_arg,
     add_model_args,
     command,
     emit_json,
-    finite_float,
     int_range,
     load_from_args,
     nonnegative_int,
@@ -75,40 +75,92 @@ def _atlas(args):
 
 def _occlude_args(p):
     add_model_args(p)
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--label", type=nonnegative_int, default=None,
-                   help="correct class index (default: the clean top-1)")
-    p.add_argument("--size", type=positive_int, default=48,
-                   help="occluder side in input pixels (default: %(default)s)")
-    p.add_argument("--stride", type=positive_int, default=16,
-                   help="occluder step in input pixels (default: %(default)s)")
-    p.add_argument("--fill", type=finite_float, default=0.0,
-                   help="occluder value after normalization; 0 = the preprocessing mean (default)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="one or more image files")
+    add_list_arg(p, "--label", nonnegative_int, default=None,
+                 help="correct class index, one for all images or one per image (default: each clean top-1)")
+    p.add_argument("--size", default="48", help="occluder side in input pixels, or HxW (default: %(default)s)")
+    p.add_argument("--stride", default="16", help="occluder step in input pixels, or YxX; at most the size "
+                   "(default: %(default)s)")
+    p.add_argument("--baseline", default="0", help="what occluded pixels become: a number after normalization "
+                   "(0 = the preprocessing mean), 'mean' (the image's per-channel mean), 'blur' or 'blur:SIGMA' "
+                   "(a blurred copy of the image) (default: %(default)s)")
+    p.add_argument("--fill", dest="baseline", help="the same as --baseline NUMBER")
+    p.add_argument("--target", default="prob", help="what panel (d) scores: prob, logit, logprob (of the label) "
+                   "or a unit LAYER:CHANNEL[@Y,X] (default: %(default)s)")
     p.add_argument("--layer", default=None, help="layer whose strongest map is tracked (default: top conv layer)")
-    p.add_argument("--method", default="incremental", choices=["incremental", "naive"])
+    p.add_argument("--method", default="auto", choices=["auto", "incremental", "naive"],
+                   help="auto: the faster of exact incremental inference and full forward passes, measured")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--out", type=out_dir, required=True, help="result folder")
+    p.add_argument("--out", type=out_dir, required=True,
+                   help="result folder (one subfolder per image when there are several)")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
 
 
-@command("occlude", "Fig. 7: occlusion sensitivity maps (exact, incremental)")(_occlude_args)
+def _size_pair(text, what):
+    """"48" or "48x32" -> (48, 48) / (48, 32)."""
+    parts = str(text).lower().split("x")
+    try:
+        vals = [int(v) for v in parts]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2):
+        raise ZfnetError(f"bad --{what} {text!r}: use N or HxW (e.g. 48 or 48x32)")
+    return (vals[0], vals[-1])
+
+
+@command("occlude", "Fig. 7: occlusion sensitivity maps (exact; incremental where faster)")(_occlude_args)
 def _occlude(args):
-    from ..core.results import save_npz
+    from ..core.results import save_npz, write_json
+    from ..inspect.layers import file_safe
     from ..understanding.occlusion import occlusion, render_occlusion
 
     model = load_from_args(args)
-    r = occlusion(model, args.image, label=args.label, size=args.size, stride=args.stride, fill=args.fill,
-                  layer=args.layer, method=args.method, batch_size=args.batch_size, progress=not args.json)
-    out = Path(args.out)
-    arrays = dict(prob=r.prob, argmax_label=r.argmax_label, activity=r.activity,
-                  pixel_attribution=r.pixel_attribution())
-    if r.projection is not None:
-        arrays["projection"] = r.projection
-    save_npz(out / "maps.npz", **arrays)
-    render_occlusion(r, out / "occlusion.png")
-    if write_result(args, out, r.to_json(), image=args.image):
-        print(f"{r.file}: p({r.label_name})={r.clean_prob:.3f} unoccluded, min {r.prob.min():.3f} occluded; "
-              f"tracked {r.feature_map}; wrote {out}/result.json, occlusion.png, maps.npz")
+    labels = args.label or [None]
+    if len(labels) not in (1, len(args.images)):
+        raise ZfnetError(f"--label: {len(labels)} labels for {len(args.images)} images (give one, or one per image)")
+    size, stride = _size_pair(args.size, "size"), _size_pair(args.stride, "stride")
+    out, several = Path(args.out), len(args.images) > 1
+    done, skipped, folders = [], [], set()
+    for i, image in enumerate(args.images):
+        try:
+            r = occlusion(model, image, label=labels[i if len(labels) > 1 else 0], target=args.target, size=size,
+                          stride=stride, baseline=args.baseline, layer=args.layer, method=args.method,
+                          batch_size=args.batch_size, progress=not args.json)
+        except ZfnetError as e:
+            if not several:
+                raise
+            skipped.append((image, str(e)))
+            continue
+        folder = out
+        if several:
+            stem = file_safe(Path(image).stem)
+            name = next(f"{stem}_{k}" if k else stem for k in range(len(args.images) + 1)
+                        if (f"{stem}_{k}" if k else stem) not in folders)
+            folders.add(name)
+            folder = out / name
+        arrays = dict(score=r.score, prob=r.prob, argmax_label=r.argmax_label, activity=r.activity,
+                      pixel_attribution=r.pixel_attribution(), projection=r.projection)
+        arrays = {k: v for k, v in arrays.items() if v is not None}
+        save_npz(folder / "maps.npz", **arrays)
+        render_occlusion(r, folder / "occlusion.png")
+        result = r.to_json()
+        if not several and write_result(args, out, result, image=image):
+            print(f"{r.file}: {r.target} of {r.label_name}: {r.clean_score:.4g} unoccluded, {r.score.min():.4g} .. "
+                  f"{r.score.max():.4g} occluded; tracked {r.feature_map}; wrote {out}/result.json, occlusion.png, "
+                  f"maps.npz")
+        elif several:
+            result["config"].update(model=args.model, weights=args.weights, image=image)
+            write_json(folder / "result.json", result)
+            done.append({"file": image, "folder": folder.name, "label": r.label, "target": r.target,
+                         "clean_score": r.clean_score, "min_score": float(r.score.min()), "method": r.method})
+    if several:
+        index = {"schema": 2, "images": done, "skipped": [{"file": f, "error": e} for f, e in skipped],
+                 "config": {}}
+        if write_result(args, out, index, images=args.images):
+            print(f"occlusion maps of {len(done)} images in {out}/<image>/ (result.json, occlusion.png, maps.npz)")
+        if not done:
+            raise NoInputError("no image could be read", skipped)
+        report_skipped(skipped)
     return 0
 
 

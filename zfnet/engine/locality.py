@@ -1,155 +1,435 @@
 """How far each op of a traced model reaches: the spatial locality incremental occlusion relies on.
 
-zfnet.engine.incremental recomputes, per occluder position, only the units an occluder can change. For that it
-needs, for every op of the model's torch.fx graph, whether it is a sliding window (and its kernel, stride
-and padding), pointwise in space, a global average, or something that mixes all positions. This module
-answers that from the op itself (module type and arguments), or for opaque modules from the layer table.
+zfnet.engine.incremental recomputes, per occluder position, only the units an occluder can change. For that
+it needs the model's graph of op calls (torch.fx; a module called twice is two nodes) and, per node, whether
+it is a sliding window (kernel, stride, padding), pointwise in space (in whatever layout its value has:
+NCHW, NHWC inside a ConvNeXt block, 5-D inside a channel shuffle), a channel split, a global average, or
+something that mixes all positions. This module answers that from the op itself (module type and
+arguments), and for modules fx cannot trace (data-dependent Python), which stay opaque leaves, from their
+receptive field measured on their own input.
 """
 
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..inspect.fields import Field, pair
+from ..inspect.fields import Field, FieldTracker, Geom, pair
 
-__all__ = ["Unsupported", "trace", "classify", "call", "maybe_inplace"]
-
-# Spatially pointwise: every output unit depends only on the input units at its own position.
-_POINT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-                  nn.Hardsigmoid, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.LocalResponseNorm,
-                  nn.BatchNorm2d)
-_POINT_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.sigmoid,
-                    torch.tanh, F.hardswish, F.dropout, operator.add, operator.mul, operator.sub, operator.truediv,
-                    operator.iadd, torch.add, torch.mul, torch.sub, torch.cat}
-_POINT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "add", "add_", "mul", "mul_", "sub", "div", "clamp",
-                  "clamp_min", "contiguous"}
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: frozenset[str] = frozenset()):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m, qualname):
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.Graph | None:
-    """The model's graph down to torch.nn's own modules; where that fails (data-dependent Python inside
-    a block), with the blocks of its Sequentials as opaque modules."""
-    blocks = frozenset(f"{name}.{c}" if name else c for name, m in model.named_modules()
-                       if isinstance(m, nn.Sequential) for c, _ in m.named_children())
-    for leaves in (frozenset(), blocks):
-        try:
-            return _Tracer(leaves).trace(model)
-        except Exception:
-            continue
-    return None
-
-
-def _window_op(mod: nn.Module):
-    """(axes, op on an exact crop, pad value) for the sliding-window modules we can run unpadded."""
-    if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
-        k, s, d = mod.kernel_size, mod.stride, mod.dilation
-        keff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
-        p = mod.padding
-        if p == "valid":
-            p = (0, 0)
-        elif p == "same":  # PyTorch puts the odd pixel at the end: only the leading pad matters here
-            p = tuple((keff[i] - 1) // 2 for i in range(2))
-        return (tuple(zip(keff, s, p)),
-                lambda t: F.conv2d(t, mod.weight, mod.bias, mod.stride, 0, mod.dilation, mod.groups), 0.0)
-    if isinstance(mod, nn.MaxPool2d) and not mod.return_indices:
-        k, d, p = pair(mod.kernel_size), pair(mod.dilation), pair(mod.padding)
-        s = pair(mod.stride or mod.kernel_size)
-        keff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
-        # ceil_mode only adds output units whose window runs past the end: -inf there is the same
-        return (tuple(zip(keff, s, p)), lambda t: F.max_pool2d(t, k, s, 0, d), float("-inf"))
-    if isinstance(mod, nn.AvgPool2d) and not mod.ceil_mode and (mod.count_include_pad or mod.padding in (0, (0, 0))):
-        k, p = pair(mod.kernel_size), pair(mod.padding)
-        s = pair(mod.stride or mod.kernel_size)
-        return (tuple(zip(k, s, p)),
-                lambda t: F.avg_pool2d(t, k, s, 0, False, True, mod.divisor_override), 0.0)
-    return None
-
-
-def _local_geometry(fin: Field, fout: Field) -> tuple | None:
-    """(k, s, p) per axis of a module mapping field fin to fout, or None if not a plain sliding window."""
-    out = []
-    for jin, jout, zin, zout, sin, sout in ((fin.jump_y, fout.jump_y, fin.size_y, fout.size_y, fin.start_y,
-                                             fout.start_y), (fin.jump_x, fout.jump_x, fin.size_x, fout.size_x,
-                                                             fin.start_x, fout.start_x)):
-        if jout % jin or (zout - zin) % jin or (sin - sout) % jin:
-            return None
-        k, s, p = (zout - zin) // jin + 1, jout // jin, (sin - sout) // jin
-        if k < 1 or s < 1 or p < 0:
-            return None
-        out.append((k, s, p))
-    return tuple(out)
-
-
-def _no_spatial_extent(v) -> bool:
-    """A constant operand that broadcasts the same way over every spatial position."""
-    return not isinstance(v, torch.Tensor) or v.dim() == 0 or (v.dim() >= 3 and tuple(v.shape[-2:]) == (1, 1))
-
-
-def classify(model: nn.Module, node: fx.Node, env: dict, deps: list, fields: dict, table) -> tuple[str, dict]:
-    """How node reaches over its input-dependent inputs `deps`, from their clean values in env:
-    (kind, details), kind one of "point", "window", "box", "mean", "global", "meta" (see
-    zfnet.engine.incremental). Records the node's receptive field in `fields` where it has one."""
-    value = env[node]
-    clean_in = [env[d] for d in deps]
-    field_in = [fields.get(d) for d in deps]
-    kind, extra = "global", {}
-    maps = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in clean_in)
-    if not isinstance(value, torch.Tensor):
-        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-            raise Unsupported  # ops with several tensor outputs: not followed
-        kind = "meta"  # sizes and shapes: computed per batch from the full shapes
-    elif maps and len(deps) == 1 and _global_mean(model, node, clean_in[0], value):
-        kind = "mean"
-    elif value.dim() == 4 and maps and len(deps) == 1 and node.op == "call_module":
-        mod = model.get_submodule(node.target)
-        win = _window_op(mod)
-        if win is not None:
-            kind, extra = "window", dict(axes=win[0], op=win[1], pad=win[2])
-        elif isinstance(mod, _POINT_MODULES) and value.shape[-2:] == clean_in[0].shape[-2:]:
-            kind = "point"  # (BatchNorm and dropout in eval mode: Incremental.build declines training mode)
-        elif node.target in table and table[node.target].field is not None and field_in[0] is not None \
-                and sum(n.op == "call_module" and n.target == node.target for n in node.graph.nodes) == 1:
-            # (the layer table knows a module's first call only)
-            axes = _local_geometry(field_in[0], table[node.target].field)
-            if axes is not None:
-                kind, extra = "box", dict(axes=axes)
-    elif value.dim() == 4 and maps and node.op in ("call_function", "call_method"):
-        known = node.target in _POINT_FUNCTIONS if node.op == "call_function" else node.target in _POINT_METHODS
-        others = [a for a in _flat_args(node) if not (isinstance(a, fx.Node) and a in deps)]
-        same_grid = all(t.shape[-2:] == value.shape[-2:] for t in clean_in)
-        cat_ok = node.target is not torch.cat or _cat_dim(node) in (1, -3)
-        if known and same_grid and cat_ok and all(_no_spatial_extent(env[a] if isinstance(a, fx.Node) else a)
-                                                   for a in others):
-            kind = "point"
-    if kind == "window":
-        (ky, sy, py), (kx, sx, px) = extra["axes"]
-        fields[node] = field_in[0] and field_in[0].pooled((ky, kx), (sy, sx), (py, px))
-    elif kind == "point" and all(field_in):
-        fields[node] = field_in[0]
-        for f in field_in[1:]:
-            fields[node] = fields[node].union(f)
-    elif kind == "box":
-        fields[node] = table[node.target].field
-    return kind, extra
+__all__ = ["Unsupported", "Traced", "trace", "classify", "call", "maybe_inplace", "standard", "describe"]
 
 
 class Unsupported(Exception):
     """The graph uses something the engine does not follow: occlusion falls back to full forward passes."""
 
 
+def describe(e: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracing: the graph of op calls, with every module call recorded by layer name.
+@dataclass
+class Traced:
+    graph: fx.Graph
+    calls: dict[str, fx.Node]  # layer name of each module call ("layer1.0.relu", "layer1.0.relu#2") -> its output
+    leaves: list[str] = field(default_factory=list)  # modules fx could not trace, kept as opaque calls
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, but a module whose forward cannot be traced (Python control flow on values or shapes)
+    becomes one opaque call instead of failing the whole model; and each module call's output is recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.leaves: list[str] = []
+        self.calls: list[tuple[str, object]] = []
+
+    def is_leaf_module(self, m, qualname):
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        last = next(iter(reversed(self.graph.nodes)), None)
+        n_calls, stack, counts = len(self.calls), len(self.module_stack), dict(self.num_calls)
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.is_leaf_module(m, name):
+                raise
+            # Undo what the failed attempt added to the graph, then record the module as one call.
+            for node in list(reversed(self.graph.nodes)):
+                if node is last:
+                    break
+                self.graph.erase_node(node)
+            del self.calls[n_calls:]
+            while len(self.module_stack) > stack:
+                self.module_stack.popitem()
+            self.num_calls = counts
+            self.leaves.append(name)
+            out = super().call_module(m, forward, args, kwargs)
+        self.calls.append((name, out.node if isinstance(out, fx.Proxy) else None))
+        return out
+
+
+def trace(model: nn.Module) -> Traced:
+    """The model's graph down to torch.nn's own modules (and the opaque modules fx cannot trace)."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+        graph.lint()
+    except Exception as e:  # the model's own forward, outside any submodule, cannot be traced
+        raise Unsupported(f"torch.fx cannot trace {type(model).__name__}.forward ({describe(e)})") from None
+    calls, seen = {}, {}
+    for name, node in tracer.calls:
+        seen[name] = seen.get(name, 0) + 1
+        if node is not None:
+            calls[name if seen[name] == 1 else f"{name}#{seen[name]}"] = node
+    return Traced(graph, calls, tracer.leaves)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What each op is.
+# Spatially pointwise modules: every output unit depends only on the input units at its own position.
+_POINT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU,
+                  nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
+                  nn.Identity, nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+_CHANNEL_MODULES = (nn.BatchNorm2d, nn.LocalResponseNorm)  # pointwise in space, mixing dim 1
+_POINT_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu,
+                    F.mish, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, torch.sigmoid,
+                    torch.tanh, torch.exp, torch.abs, torch.clamp, torch.where, F.dropout, F.dropout2d,
+                    operator.add, operator.mul, operator.sub, operator.truediv, operator.neg, operator.iadd,
+                    operator.imul, operator.isub, operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
+                    torch.neg, torch.maximum, torch.minimum}
+_POINT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "abs", "neg", "add", "add_",
+                  "mul", "mul_", "sub", "sub_", "div", "div_", "clamp", "clamp_", "clamp_min", "clamp_max",
+                  "clamp_min_", "contiguous", "float", "to", "type_as", "sqrt", "rsqrt", "pow"}
+_PERMUTES = {torch.permute, torch.transpose, "permute", "transpose"}
+_RESHAPES = {torch.reshape, torch.flatten, torch.unflatten, "view", "reshape", "flatten", "unflatten"}
+_SPLITS = {torch.chunk, torch.split, torch.tensor_split, torch.unbind, "chunk", "split", "tensor_split", "unbind"}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_REDUCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, "mean", "sum", "amax", "amin"}
+
+
+def _conv_window(weight, bias, stride, padding, dilation, groups):
+    k, s, d = tuple(weight.shape[-2:]), pair(stride), pair(dilation)
+    keff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+    if padding == "valid":
+        p = (0, 0)
+    elif padding == "same":  # PyTorch puts the odd pixel at the end: only the leading pad matters here
+        p = tuple((keff[i] - 1) // 2 for i in range(2))
+    else:
+        p = pair(padding)
+    return tuple(zip(keff, s, p)), lambda t: F.conv2d(t, weight, bias, s, 0, d, groups), 0.0
+
+
+def _max_window(kernel, stride, padding, dilation, return_indices=False):
+    if return_indices:
+        return None
+    k, d, p = pair(kernel), pair(dilation), pair(padding)
+    s = pair(stride or kernel)
+    keff = [d[i] * (k[i] - 1) + 1 for i in range(2)]
+    # ceil_mode only adds output units whose window runs past the end: -inf there is the same
+    return tuple(zip(keff, s, p)), lambda t: F.max_pool2d(t, k, s, 0, d), float("-inf")
+
+
+def _avg_window(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    k, p = pair(kernel), pair(padding)
+    if ceil_mode or not (count_include_pad or p == (0, 0)):
+        return None
+    s = pair(stride or kernel)
+    return tuple(zip(k, s, p)), lambda t: F.avg_pool2d(t, k, s, 0, False, True, divisor_override), 0.0
+
+
+def _window_op(mod: nn.Module):
+    """(axes, op on an exact crop, pad value) for the sliding-window modules we can run unpadded."""
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros":
+        return _conv_window(mod.weight, mod.bias, mod.stride, mod.padding, mod.dilation, mod.groups)
+    if isinstance(mod, nn.MaxPool2d):
+        return _max_window(mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.return_indices)
+    if isinstance(mod, nn.AvgPool2d):
+        return _avg_window(mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad,
+                           mod.divisor_override)
+    return None
+
+
+def _window_function(node, env, deps):
+    """The same for F.conv2d (constant weights), F.max_pool2d and F.avg_pool2d calls."""
+    def arg(i, name, default):
+        v = node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+        if isinstance(v, fx.Node):
+            if v in deps:
+                raise Unsupported  # weights computed from the image
+            return env[v]
+        return v
+
+    try:
+        if node.target is F.conv2d:
+            return _conv_window(arg(1, "weight", None), arg(2, "bias", None), arg(3, "stride", 1),
+                                arg(4, "padding", 0), arg(5, "dilation", 1), arg(6, "groups", 1))
+        if node.target is F.max_pool2d:
+            return _max_window(arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0),
+                               arg(4, "dilation", 1), arg(6, "return_indices", False))
+        if node.target is F.avg_pool2d:
+            return _avg_window(arg(1, "kernel_size", None), arg(2, "stride", None), arg(3, "padding", 0),
+                               arg(4, "ceil_mode", False), arg(5, "count_include_pad", True),
+                               arg(6, "divisor_override", None))
+    except Unsupported:
+        return None
+    return None
+
+
+def _leaf_geometry(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple | None:
+    """(k, s, p) per axis of an opaque module, measured on its own input grid (one call under the
+    receptive-field tracker), or None where it is not a plain sliding window."""
+    H, W = x.shape[-2:]
+    tracker = FieldTracker()
+    probe = x.clone()
+    tracker.set(probe, Geom(Field(1, 1, 1, 1, 0, 0), tuple((i, i) for i in range(H)), tuple((i, i) for i in range(W))))
+    with torch.no_grad(), tracker:
+        res = mod(probe)
+    res = res[0] if isinstance(res, (tuple, list)) else res
+    geom = tracker.geom_of(res)
+    if not geom or geom.field is None or not isinstance(res, torch.Tensor) or res.shape != out.shape:
+        return None
+    f = geom.field
+    axes = ((f.size_y, f.jump_y, -f.start_y), (f.size_x, f.jump_x, -f.start_x))
+    return axes if all(k >= 1 and s >= 1 and p >= 0 for k, s, p in axes) else None
+
+
+def _no_spatial_extent(v, rank: int, layout: tuple) -> bool:
+    """A constant operand that broadcasts the same way over every position and every batch entry."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return True
+    if v.dim() > rank:
+        return False
+    return all(v.shape[i] == 1 for i in range(v.dim()) if rank - v.dim() + i in (0, *layout))
+
+
+def _on_grid(v, value, lay) -> bool:
+    """A constant (1, ..., H, W) tensor on the NCHW grid of `value`, spatially varying."""
+    return (isinstance(v, torch.Tensor) and lay == (2, 3) and v.dim() == value.dim() == 4 and v.shape[0] == 1
+            and tuple(v.shape[2:]) == tuple(value.shape[2:]) and tuple(v.shape[2:]) != (1, 1))
+
+
+def _dim_arg(node, i, name, default):
+    d = node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+    return d
+
+
+def _norm(d, rank):
+    return d % rank if isinstance(d, int) else None
+
+
+def _moved_layout(node, rank, layout) -> tuple | None:
+    """Spatial axes after permute / transpose (None if they move the batch dimension)."""
+    if node.target in (torch.permute, "permute"):
+        dims = node.args[1:] if node.op == "call_method" else (node.args[1],)
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if "dims" in node.kwargs:
+            dims = node.kwargs["dims"]
+        perm = [d % rank for d in dims]
+    else:
+        a, b = _norm(_dim_arg(node, 1, "dim0", None), rank), _norm(_dim_arg(node, 2, "dim1", None), rank)
+        if a is None or b is None:
+            return None
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+    if len(perm) != rank or perm[0] != 0:
+        return None
+    return perm.index(layout[0]), perm.index(layout[1])
+
+
+def _reshaped_layout(shape_in, shape_out, layout) -> tuple | None:
+    """Spatial axes after a reshape that keeps the batch and both spatial axes and regroups only the other
+    dimensions on either side of them (a channel shuffle's view to 5-D and back)."""
+    ay, ax = layout
+    H, W = shape_in[ay], shape_in[ax]
+    if H == 1 or W == 1 or not shape_out or shape_out[0] != shape_in[0]:
+        return None
+    pre, mid, post = (math.prod(shape_in[1:ay]), tuple(shape_in[ay + 1:ax]), math.prod(shape_in[ax + 1:]))
+    for by in range(1, len(shape_out)):
+        bx = by + 1 + len(mid)
+        if bx < len(shape_out) and shape_out[by] == H and shape_out[bx] == W and tuple(shape_out[by + 1:bx]) == mid \
+                and math.prod(shape_out[1:by]) == pre and math.prod(shape_out[bx + 1:]) == post:
+            return by, bx
+    return None
+
+
+def _split_dim(node, rank):
+    if node.target in (torch.unbind, "unbind"):
+        return _norm(_dim_arg(node, 1, "dim", 0), rank)
+    return _norm(_dim_arg(node, 2, "dim", 0), rank)
+
+
+def classify(model: nn.Module, node: fx.Node, env: dict, deps: list, layouts: dict) -> tuple[str, dict]:
+    """How node reaches over its input-dependent inputs `deps`, from their clean values in env:
+    (kind, details), kind one of "point", "window", "box", "mean", "split", "pick", "global", "meta" (see
+    zfnet.engine.incremental). Records in `layouts` where the node's value is a map: (row axis, column axis)."""
+    value = env[node]
+    maps = [d for d in deps if d in layouts]
+    if isinstance(value, (tuple, list)):
+        if any(isinstance(v, torch.Tensor) for v in value):
+            return _classify_split(node, env, deps, maps, layouts)
+        return "meta", {}
+    if not isinstance(value, torch.Tensor):
+        return "meta", {}
+    if node.op == "call_function" and node.target is operator.getitem and deps and deps[0] in layouts \
+            and isinstance(env[deps[0]], (tuple, list)) and isinstance(node.args[1], int):
+        layouts[node] = layouts[deps[0]]
+        return "pick", dict(index=node.args[1])
+    if not maps:
+        return "global", {}
+    src = maps[0]
+    lay = layouts[src]
+    x = env[src]
+    if _global_mean(model, node, x, value, lay) and len(deps) == 1:
+        return "mean", {}
+    if node.op == "call_function" and len(deps) == 1 and value.dim() == 4 and lay == (2, 3):
+        win = _window_function(node, env, deps)
+        if win is not None:
+            layouts[node] = (2, 3)
+            return "window", dict(axes=win[0], op=win[1], pad=win[2])
+    if node.op == "call_module":
+        mod = model.get_submodule(node.target)
+        if len(deps) != 1 or value.dim() != 4 or lay != (2, 3):
+            return _point(model, node, env, deps, maps, layouts)
+        win = _window_op(mod)
+        if win is not None:
+            layouts[node] = (2, 3)
+            return "window", dict(axes=win[0], op=win[1], pad=win[2])
+        if not isinstance(mod, (_POINT_MODULES, _CHANNEL_MODULES, nn.LayerNorm, nn.Linear, nn.Softmax)) \
+                and not type(mod).__module__.startswith("torch.nn"):
+            axes = _leaf_geometry(mod, x, value)
+            if axes is not None:
+                layouts[node] = (2, 3)
+                return "box", dict(axes=axes)
+    return _point(model, node, env, deps, maps, layouts)
+
+
+def _classify_split(node, env, deps, maps, layouts):
+    target = node.target
+    x = env[deps[0]] if deps else None
+    if node.op in ("call_function", "call_method") and target in _SPLITS and len(deps) == 1 and maps:
+        lay = layouts[deps[0]]
+        d = _split_dim(node, x.dim())
+        if d is not None and d not in (0, *lay) and all(isinstance(v, torch.Tensor) and v.dim() == x.dim()
+                                                       for v in env[node]):
+            layouts[node] = lay
+            return "split", {}
+    return "global", {}
+
+
+def _point(model, node, env, deps, maps, layouts) -> tuple[str, dict]:
+    """Ops that are pointwise in space on maps of one grid; everything else mixes positions ("global")."""
+    value = env[node]
+    lay = layouts[maps[0]]
+    x = env[maps[0]]
+    rank = value.dim()
+    same_grid = all(env[d].dim() == x.dim() and layouts[d] == lay
+                    and tuple(env[d].shape[i] for i in lay) == tuple(x.shape[i] for i in lay) for d in maps)
+    if not same_grid or any(d not in layouts and isinstance(env[d], torch.Tensor) for d in deps):
+        return "global", {}  # a map next to a per-position vector (squeeze-excitation): all of it changes
+    out_lay, extra = None, {}
+    target = node.target
+    if node.op == "call_module":
+        mod = model.get_submodule(target)
+        if isinstance(mod, _POINT_MODULES) or (isinstance(mod, _CHANNEL_MODULES) and 1 not in lay):
+            out_lay = lay
+        elif isinstance(mod, nn.LayerNorm) and not set(range(rank - len(mod.normalized_shape), rank)) & set(lay):
+            out_lay = lay
+        elif isinstance(mod, nn.Linear) and rank - 1 not in lay:
+            out_lay = lay
+        elif isinstance(mod, nn.Softmax) and mod.dim is not None and mod.dim % rank not in (0, *lay):
+            out_lay = lay
+    elif node.op in ("call_function", "call_method"):
+        others = [a for a in _flat_args(node) if not (isinstance(a, fx.Node) and a in deps)]
+        # constant maps on the grid (a positional bias, x + buffer): cropped with the window
+        grid = [a for a in others if isinstance(a, fx.Node) and _on_grid(env[a], value, lay)]
+        consts_ok = all(_no_spatial_extent(env[a] if isinstance(a, fx.Node) else a, rank, lay) for a in others
+                        if a not in grid)
+        if grid:
+            extra = dict(grid=grid)
+        if (target in _POINT_FUNCTIONS if node.op == "call_function" else target in _POINT_METHODS) and consts_ok:
+            out_lay = lay
+        elif target is operator.getitem and len(deps) == 1:
+            out_lay = lay if _channel_slice(node.args[1], rank, lay) else None
+        elif getattr(target, "__name__", "") == "stochastic_depth" and _dim_arg(node, 3, "training", True) is False:
+            out_lay = lay  # torchvision's, in eval mode: the identity
+        elif target in _CATS:
+            d = _norm(_dim_arg(node, 1, "dim", 0), rank)
+            out_lay = lay if d is not None and d not in (0, *lay) and consts_ok else None
+        elif target in _PERMUTES and len(deps) == 1:
+            out_lay = _moved_layout(node, rank, lay)
+        elif target in _RESHAPES and len(maps) == 1:
+            out_lay = _reshaped_layout(tuple(x.shape), tuple(value.shape), lay)
+            extra = dict(reshape=True)
+        elif target in _REDUCTIONS and len(deps) == 1 and _keepdim(node) and value.dim() == rank:
+            dims = _dim_arg(node, 1, "dim", None)
+            dims = [dims] if isinstance(dims, int) else dims
+            if dims and all(isinstance(d, int) and d % rank not in (0, *lay) for d in dims):
+                out_lay = lay
+        elif target is F.layer_norm:
+            shape = _dim_arg(node, 1, "normalized_shape", ())
+            out_lay = lay if not set(range(rank - len(shape), rank)) & set(lay) else None
+        elif target is F.linear:
+            out_lay = lay if rank - 1 not in lay else None
+        elif target is F.batch_norm:
+            training = _dim_arg(node, 5, "training", False)
+            out_lay = lay if training is False and 1 not in lay else None
+        elif target in (F.softmax, F.log_softmax, torch.softmax, "softmax", "log_softmax"):
+            d = _norm(_dim_arg(node, 1, "dim", None), rank)
+            out_lay = lay if d is not None and d not in (0, *lay) else None
+    if out_lay is None or value.shape[0] != x.shape[0]:
+        return "global", {}
+    if extra.get("reshape") is None and tuple(value.shape[i] for i in out_lay) != tuple(x.shape[i] for i in lay):
+        return "global", {}
+    layouts[node] = out_lay
+    return "point", extra
+
+
+def _channel_slice(index, rank, lay) -> bool:
+    """x[:, a:b] and the like: plain slices that keep the batch and both spatial axes whole."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > rank or any(not isinstance(i, slice) for i in index):
+        return False
+    return all(index[d] == slice(None) for d in (0, *lay) if d < len(index))
+
+
+def _keepdim(node):
+    return bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
+
+
+def _global_mean(model, node, x, value, lay) -> bool:
+    """Average over all positions of a map (global average pooling, x.mean((2, 3))): one value per map."""
+    if not (isinstance(value, torch.Tensor) and value.numel() * x.shape[lay[0]] * x.shape[lay[1]] == x.numel()):
+        return False
+    if node.op == "call_module":
+        return lay == (2, 3) and isinstance(model.get_submodule(node.target), nn.AdaptiveAvgPool2d)
+    if node.target is F.adaptive_avg_pool2d:
+        return lay == (2, 3)
+    if node.target in (torch.mean, "mean"):
+        dims = _dim_arg(node, 1, "dim", None)
+        return isinstance(dims, (tuple, list)) and {d % x.dim() for d in dims} == set(lay)
+    return False
+
+
+def _flat_args(node):
+    out = []
+    fx.node.map_aggregate((node.args, node.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running one node.
 def call(model, node, args, kwargs):
     """Run one fx node's op on the given arguments."""
     if node.op == "call_module":
@@ -163,7 +443,7 @@ def call(model, node, args, kwargs):
         for part in node.target.split("."):
             obj = getattr(obj, part)
         return obj
-    raise Unsupported
+    raise Unsupported(f"graph node {node.name} ({node.op})")
 
 
 def maybe_inplace(model, node) -> bool:
@@ -176,26 +456,17 @@ def maybe_inplace(model, node) -> bool:
         or (module in ("operator", "_operator") and name.startswith("i"))
 
 
-def _global_mean(model, node, x, value) -> bool:
-    """Average over all positions of a map (global average pooling, x.mean((2, 3))): one value per map."""
-    if not (isinstance(x, torch.Tensor) and x.dim() == 4 and isinstance(value, torch.Tensor)
-            and value.numel() == x.shape[0] * x.shape[1]):
-        return False
-    if node.op == "call_module":
-        return isinstance(model.get_submodule(node.target), nn.AdaptiveAvgPool2d)
-    if node.target is F.adaptive_avg_pool2d:
-        return True
-    if node.target in (torch.mean, "mean"):
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return isinstance(dims, (tuple, list)) and {d % 4 for d in dims} == {2, 3}
-    return False
-
-
-def _flat_args(node):
-    out = []
-    fx.node.map_aggregate((node.args, node.kwargs), lambda a: out.append(a) or a)
-    return out
-
-
-def _cat_dim(node):
-    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+def standard(v):
+    """A tensor in PyTorch's default (row-major) strides, as the model's own ops produce them from a
+    default-strided input: ops we do not model (view, flatten, ...) may depend on it. A one-channel map
+    passes `is_contiguous()` in channels-last strides too (and a conv then answers in channels last), so the
+    strides themselves are compared."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    expect, acc = [], 1
+    for n in reversed(v.shape):
+        expect.append(acc)
+        acc *= n
+    if list(v.stride()) == expect[::-1]:
+        return v
+    return v.clone(memory_format=torch.contiguous_format)
