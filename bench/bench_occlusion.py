@@ -1,4 +1,5 @@
-"""Occlusion speed (Fig. 7): zfnet's exact incremental occlusion against Captum's Occlusion.
+"""Occlusion speed (Fig. 7): zfnet's exact occlusion against Captum's Occlusion, and against full forward
+passes on the model zoo.
 
 Both compute the same per-pixel map for one photo (Captum's attribution for the target class: the mean,
 over the occluders covering a pixel, of clean minus occluded probability), on ZFNet (random weights) and
@@ -14,11 +15,25 @@ neighbours; each side is measured `--repeat` times and the best is kept.
     python bench/bench_occlusion.py --quick   # < 2 min
     python bench/bench_occlusion.py           # more occluder settings
 Last line: ratio=<min over models of Captum (default) time / zfnet time> at the headline setting.
+
+The zoo (`--zoo`, in the environment with torchvision and timm: /work/venv-zoo/bin/python): every
+architecture of tests/zoo/zoo_models.py (random weights, a real photo), 224 px, 48/16 occluder (144
+positions). zfnet's default `occluded_outputs` (method "auto": the exact incremental engine where it is
+measured faster, else full passes) against plain full forward passes (the model on batches of occluded
+copies in PyTorch's default layout, as a user or Captum runs it; the same batch size), same run; the outputs
+must agree (max |difference| <= 1e-4 x max |output|) before a time is reported. The table says which method
+"auto" ran and why, and, for reference, the time of the same full passes in channels-last memory format
+(what zfnet's own full passes use on the CPU).
+
+    /work/venv-zoo/bin/python bench/bench_occlusion.py --zoo [--quick] [--models tv.resnet50,...]
+Last line: ratio=<min over models of full-pass time / zfnet time>. --quick: 128 px (36 positions), three
+models, to prove the script works (no figures).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -33,13 +48,16 @@ from zfnet.data.samples import sample_dir  # noqa: E402
 from zfnet.models.weights import load_model  # noqa: E402
 from zfnet.understanding.occlusion import occluded_outputs, occluder_boxes, pixel_attribution  # noqa: E402
 
-SQUEEZENET_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "squeezenet1_1.pth"
+ROOT = Path(__file__).resolve().parents[1]
+SQUEEZENET_WEIGHTS = ROOT.parent / "shared" / "weights" / "squeezenet1_1.pth"
+QUICK_ZOO = ["tv.resnet18", "tv.mobilenet_v2", "tv.shufflenet_v2_x1_0"]  # a residual sum, depthwise, chunk
 
 
 CLOCK = time.process_time  # wall time on a GPU (both sides end by copying their map to the CPU: synchronized)
 
 
 def best(repeat, fn, *args):
+    """(least process CPU time over `repeat` runs, the last result)."""
     times, out = [], None
     for _ in range(repeat):
         t0 = CLOCK()
@@ -52,7 +70,7 @@ def ours(model, x, label, size, stride, batch):
     H, W = x.shape[-2:]
     rows, cols = occluder_boxes(H, size, stride), occluder_boxes(W, size, stride)
     boxes = [(a, b, c, d) for a, b in rows for c, d in cols]
-    out, _ = occluded_outputs(model, x, boxes, batch_size=batch)
+    out = occluded_outputs(model, x, boxes, batch_size=batch, report=False).outputs
     with torch.no_grad():
         p0 = model(x).softmax(-1)[0, label]
     drop = (p0 - out.softmax(-1)[:, label]).reshape(len(rows), len(cols)).cpu().numpy()
@@ -69,9 +87,59 @@ def captum(model, x, label, size, stride, ppe):
     return a[0, 0].cpu().numpy()
 
 
+def full_passes(model, x, boxes, batch, layout=torch.contiguous_format):
+    """The model on batches of occluded copies of x (zeros in each box)."""
+    outs = []
+    for b in range(0, len(boxes), batch):
+        chunk = boxes[b:b + batch]
+        xb = x.expand(len(chunk), *x.shape[1:]).clone(memory_format=layout)
+        for i, (y0, y1, x0, x1) in enumerate(chunk):
+            xb[i, :, y0:y1, x0:x1] = 0
+        outs.append(model(xb).reshape(len(chunk), -1))
+    return torch.cat(outs)
+
+
+def zoo(args):
+    """zfnet's default occlusion vs full forward passes on every zoo architecture."""
+    sys.path.insert(0, str(ROOT / "tests" / "zoo"))
+    from zoo_models import NAMES, build
+
+    names = args.models.split(",") if args.models else QUICK_ZOO if args.quick else NAMES
+    size = 128 if args.quick else 224
+    img = load_image(sample_dir() / "chelsea_cat.jpg")
+    x = Preprocess(size=size, resize=size * 8 // 7)(img)[None].to(args.device)
+    rows = occluder_boxes(size, 48, 16)
+    boxes = [(a, b, c, d) for a, b in rows for c, d in rows]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {size} px, 48/16 occluder "
+          f"({len(boxes)} positions), {args.device}, {'CPU' if args.device == 'cpu' else 'wall'} time, "
+          f"best of {args.repeat or 1}")
+    print(f"{'model':24s} {'full s':>7s} {'full CL s':>9s} {'zfnet s':>8s} {'ratio':>6s} {'vs CL':>6s}  method (why)")
+    ratios = []
+    for name in names:
+        model = build(name).to(args.device)
+        run = functools.partial(occluded_outputs, model, x, boxes, batch_size=args.batch, report=False)
+        with torch.no_grad():
+            t_full, slow = best(args.repeat or 1, full_passes, model, x, boxes, args.batch)
+            try:
+                t_cl, _ = best(args.repeat or 1, full_passes, model, x, boxes, args.batch, torch.channels_last)
+            except RuntimeError:  # a model that needs default strides (a .view after a conv)
+                t_cl = float("nan")
+            t_ours, fast = best(args.repeat or 1, run)
+        diff = float((fast.outputs - slow).abs().max()) / float(slow.abs().max())
+        if diff > 1e-4:
+            print(f"OUTPUTS DIFFER for {name}: max |diff| / max |output| = {diff:.3g}")
+            sys.exit(1)
+        ratios.append(t_full / t_ours)
+        print(f"{name:24s} {t_full:7.2f} {t_cl:9.2f} {t_ours:8.2f} {ratios[-1]:6.2f} {t_cl / t_ours:6.2f}  "
+              f"{fast.method} ({fast.reason})", flush=True)
+    print(f"ratio={min(ratios):.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--zoo", action="store_true", help="torchvision / timm models vs full forward passes")
+    ap.add_argument("--models", default=None, help="with --zoo: comma-separated zoo names")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
@@ -80,6 +148,8 @@ def main():
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.device == "cpu" else time.perf_counter
+    if args.zoo:
+        return zoo(args)
     repeat = args.repeat or 1
     settings = [(32, 16)] if args.quick else [(32, 16), (48, 16), (64, 16), (16, 16)]  # 48/16: `zfnet occlude` default
     headline = settings[0]
