@@ -343,3 +343,14 @@ def test_cli_options_and_several_images(tmp_path, squeezenet):
         main(["occlude", str(imgs[0]), "--out", str(out), "--method", "fast"])
     assert main(["occlude", "--weights", str(SQUEEZENET_WEIGHTS), str(imgs[0]), "--size", "48x", "--out",
                  str(out)]) == 2
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "blur:0", "blur:-1", "blur:x", "grey"])
+def test_cli_refuses_a_bad_baseline_naming_the_option(capsys, bad):
+    from zfnet.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["occlude", "x.jpg", "--out", "o", "--baseline", bad])
+    assert e.value.code == 2 and "argument --baseline" in capsys.readouterr().err
+    args = build_parser().parse_args(["occlude", "x.jpg", "--out", "o", "--baseline", "blur:2", "--fill", "-1.5"])
+    assert args.baseline == "blur:2" and args.fill == -1.5  # (where both are given, --fill NUMBER is used)

@@ -3,6 +3,7 @@ measurements (Fig. 7, Fig. 5, Table 1)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..core.errors import NoInputError, ZfnetError
@@ -12,6 +13,7 @@ from .common import (
     add_model_args,
     command,
     emit_json,
+    finite_float,
     int_range,
     load_from_args,
     nonnegative_int,
@@ -81,10 +83,10 @@ def _occlude_args(p):
     p.add_argument("--size", default="48", help="occluder side in input pixels, or HxW (default: %(default)s)")
     p.add_argument("--stride", default="16", help="occluder step in input pixels, or YxX; at most the size "
                    "(default: %(default)s)")
-    p.add_argument("--baseline", default="0", help="what occluded pixels become: a number after normalization "
-                   "(0 = the preprocessing mean), 'mean' (the image's per-channel mean), 'blur' or 'blur:SIGMA' "
-                   "(a blurred copy of the image) (default: %(default)s)")
-    p.add_argument("--fill", dest="baseline", help="the same as --baseline NUMBER")
+    p.add_argument("--baseline", type=_baseline, default="0", help="what occluded pixels become: a number "
+                   "after normalization (0 = the preprocessing mean), 'mean' (the image's per-channel mean), "
+                   "'blur' or 'blur:SIGMA' (a blurred copy of the image) (default: %(default)s)")
+    p.add_argument("--fill", type=finite_float, default=None, help="the same as --baseline NUMBER")
     p.add_argument("--target", default="prob", help="what panel (d) scores: prob, logit, logprob (of the label) "
                    "or a unit LAYER:CHANNEL[@Y,X] (default: %(default)s)")
     p.add_argument("--layer", default=None, help="layer whose strongest map is tracked (default: top conv layer)")
@@ -94,6 +96,21 @@ def _occlude_args(p):
     p.add_argument("--out", type=out_dir, required=True,
                    help="result folder (one subfolder per image when there are several)")
     p.add_argument("--json", action="store_true", help="print result.json on stdout")
+
+
+def _baseline(text) -> str:
+    """--baseline: a finite number, "mean", "blur" or "blur:SIGMA" with a finite SIGMA > 0 (as given)."""
+    spec = str(text).strip()
+    number = spec[5:] if spec.startswith("blur:") else spec
+    if spec in ("mean", "blur"):
+        return spec
+    try:
+        value = finite_float(number)
+    except argparse.ArgumentTypeError:
+        value = None
+    if value is None or (spec.startswith("blur:") and value <= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number, mean, blur or blur:SIGMA (SIGMA > 0)")
+    return spec
 
 
 def _size_pair(text, what):
@@ -120,11 +137,12 @@ def _occlude(args):
         raise ZfnetError(f"--label: {len(labels)} labels for {len(args.images)} images (give one, or one per image)")
     size, stride = _size_pair(args.size, "size"), _size_pair(args.stride, "stride")
     out, several = Path(args.out), len(args.images) > 1
+    baseline = args.baseline if args.fill is None else args.fill
     done, skipped, folders = [], [], set()
     for i, image in enumerate(args.images):
         try:
             r = occlusion(model, image, label=labels[i if len(labels) > 1 else 0], target=args.target, size=size,
-                          stride=stride, baseline=args.baseline, layer=args.layer, method=args.method,
+                          stride=stride, baseline=baseline, layer=args.layer, method=args.method,
                           batch_size=args.batch_size, progress=not args.json)
         except ZfnetError as e:
             if not several:
