@@ -75,7 +75,8 @@ def _project_args(p):
                    help="noise std for --smooth, as a fraction of the image's range (default: %(default)s)")
     p.add_argument("--noise-seed", type=nonnegative_int, default=0,
                    help="seed of the --smooth noise (default: %(default)s)")
-    p.add_argument("--out", type=out_dir, required=True, help="output folder: one PNG per unit, named after the unit")
+    p.add_argument("--out", type=out_dir, required=True, help="output folder: one PNG per unit, named after the unit, "
+                   "and result.json (units, mode, the rule applied at each kind of op met, the exact config)")
     p.add_argument("--save-npy", action="store_true",
                    help="also write input.npy (the preprocessed input, 1x3xHxW float32) and <unit>.npy "
                         "(the raw projection, same shape)")
@@ -89,16 +90,18 @@ def _project_args(p):
 def _project(args):
     import numpy as np
 
-    from ..core.results import atomic_path
+    from ..core.results import atomic_path, write_json
     from ..data.images import Preprocess, load_image
     from ..engine.project import project, strongest_map
+    from ..engine.rules import rules_on_path
     from ..inspect.layers import layer_table, parse_unit
     from ..present.render import save_png, signed_to_rgb
 
     image = load_image(args.image)  # ZfnetError naming the file if unreadable
     model = load_from_args(args)
+    pre = Preprocess.for_model(model)
     param = next(model.parameters())
-    x = Preprocess.for_model(model)(image).unsqueeze(0).to(param.device, param.dtype)
+    x = pre(image).unsqueeze(0).to(param.device, param.dtype)
     table = layer_table(model, tuple(x.shape[-2:]))
     if args.target is not None and not args.unit:
         units, names = None, [f"target {args.target}"]
@@ -120,9 +123,23 @@ def _project(args):
 
     if args.save_npy:
         save_npy(out / "input.npy", x.detach().cpu().float().numpy())
+    rows = []
     for name, slug, p in zip(names, slugs, proj):
         save_png(signed_to_rgb(p), out / f"{slug}.png")
         if args.save_npy:
             save_npy(out / f"{slug}.npy", p.unsqueeze(0).detach().cpu().float().numpy())
+        rows.append({"unit": name, "png": f"{slug}.png", "npy": f"{slug}.npy" if args.save_npy else None,
+                     "max_abs": p.abs().max().item()})
         print(f"{name}: max |projection| {p.abs().max().item():.4g} -> {out / (slug + '.png')}")
+    # a target is a score of the output: the whole forward pass is on its path
+    path = [table.names()[-1]] if units is None else [u.layer for u in units]
+    rules = rules_on_path(model, x, path, args.mode, backprop_norm=args.backprop_norm)
+    write_json(out / "result.json", {
+        "schema": 1, "mode": args.mode, "units": rows, "rules": rules,
+        "config": {"model": args.model, "weights": args.weights, "image": str(args.image), "mode": args.mode,
+                   "units": [str(u) for u in units] if units is not None else None, "target": args.target,
+                   "score": args.score, "seed": args.seed, "aggregate": args.aggregate, "smooth": args.smooth,
+                   "samples": args.samples, "sigma": args.sigma, "noise_seed": args.noise_seed,
+                   "backprop_norm": args.backprop_norm,
+                   "preprocess": {"preset": pre.preset, "resize": pre.resize, "size": pre.size}}})
     return 0

@@ -41,6 +41,7 @@ from ..core.progress import format_seconds, progress_bar
 from ..core.results import read_json, save_npz, write_json
 from ..data.images import ImageDataset, Preprocess
 from ..engine.mine import MineResult, mine, model_fingerprint, shard_state
+from ..engine.rules import rules_on_path
 from ..inspect.layers import feature_layers, file_safe, layer_table
 from ..models.weights import model_meta
 from ..present.render import PICTURE_EXT
@@ -260,7 +261,8 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
         "config": {"layers": layers, "k": k, "per_image": per_image, "top_n": top_n, "batch_size": batch_size,
                    "mode": mode, "tile": tile, "figure_units": figure_units, "seed": seed,
                    "preprocess": {"preset": preprocess.preset, "resize": preprocess.resize,
-                                  "size": preprocess.size}, "world_size": world},
+                                  "size": preprocess.size}, "world_size": world,
+                   "rules": rules_on_path(model, (preprocess.size, preprocess.size), layers, mode)},
         "timing": {"mine_s": round(t_mine, 3), "total_s": round(t_total, 3), "images": mined.images,
                    "project_s": t_layers, "decoded": inputs.decoded},  # this run (a resumed run skips work)
     })
