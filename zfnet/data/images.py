@@ -170,9 +170,14 @@ def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
     return (size, new_long) if w <= h else (new_long, size)
 
 
-def _resize_shorter(im: Image.Image, size: int) -> Image.Image:
+# torchvision's InterpolationMode values -> PIL filters (as torchvision maps them for PIL images)
+INTERPOLATIONS = {"nearest": Image.NEAREST, "nearest-exact": Image.NEAREST, "bilinear": Image.BILINEAR,
+                  "bicubic": Image.BICUBIC, "box": Image.BOX, "hamming": Image.HAMMING, "lanczos": Image.LANCZOS}
+
+
+def _resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") -> Image.Image:
     new = _resized_size(*im.size, size)
-    return im if new == im.size else im.resize(new, Image.BILINEAR)
+    return im if new == im.size else im.resize(new, INTERPOLATIONS[interpolation])
 
 
 def _offset(n: int, size: int) -> int:
@@ -208,6 +213,8 @@ class Preprocess:
         crop: "center" (one 224 crop), "ten" (10 crops: returns (10, 3, 224, 224)), or "random"
             (random 224 crop + horizontal flip, for training).
         mean_image: (3, 256, 256) per-pixel mean in [0, 1] for the paper preset; None subtracts 0.5.
+        mean, std, interpolation: the torchvision preset's normalization and resize filter (what the
+            weights declare: torchvision's weights transforms; zfnet.models.weights).
     """
 
     preset: str = "torchvision"
@@ -216,12 +223,17 @@ class Preprocess:
     resize: int = 256
     mean_image: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         if self.preset not in ("torchvision", "paper"):
             raise ZfnetError(f"unknown preprocessing {self.preset!r}; use 'torchvision' or 'paper'")
         if self.crop not in ("center", "ten", "random"):
             raise ZfnetError(f"unknown crop {self.crop!r}; use 'center', 'ten' or 'random'")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ZfnetError(f"unknown interpolation {self.interpolation!r}; use one of {', '.join(INTERPOLATIONS)}")
 
     @classmethod
     def for_model(cls, model, **kw) -> "Preprocess":
@@ -229,17 +241,21 @@ class Preprocess:
         meta = getattr(model, "zfnet_weights", None)
         if meta is None:
             return cls(**kw)
-        return cls(preset=meta.preprocessing, mean_image=meta.mean_image, **kw)
+        declared = {"size": getattr(meta, "crop_size", 224), "resize": getattr(meta, "resize_size", 256),
+                    "mean": tuple(getattr(meta, "mean", IMAGENET_MEAN)),
+                    "std": tuple(getattr(meta, "std", IMAGENET_STD)),
+                    "interpolation": getattr(meta, "interpolation", "bilinear")}
+        return cls(preset=meta.preprocessing, mean_image=meta.mean_image, **{**declared, **kw})
 
     def base(self, im: Image.Image) -> torch.Tensor:
         """Resize and normalize up to (but not including) the final crop: (3, h, w)."""
-        im = _resize_shorter(im, self.resize)
+        im = _resize_shorter(im, self.resize, self.interpolation)
         if self.preset == "paper":
             x = _to_tensor(_center_crop(im, self.resize))
             return x - (self.mean_image if self.mean_image is not None else 0.5)
         x = _to_tensor(im)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
         return (x - mean) / std
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
@@ -307,8 +323,8 @@ class Preprocess:
             H, W = x.shape[-2:]
             t, left = (m.shape[-2] - H) // 2, (m.shape[-1] - W) // 2
             return m[:, t:t + H, left:left + W].to(x), one
-        mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
         return mean, std
 
 

@@ -2,6 +2,9 @@
 
 A weights record says where published weights live (URL + sha256), how images must be preprocessed for
 them and what the classes are, so `predict`, the atlas and every experiment preprocess consistently.
+torchvision builders also take torchvision's own weight names (`--weights IMAGENET1K_V2`, `DEFAULT`,
+`ResNet50_Weights.IMAGENET1K_V2`): they resolve through torchvision's API, with the preprocessing and
+categories those weights declare.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import sys
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -20,10 +25,11 @@ import torch.nn as nn
 
 from ..core.errors import ZfnetError
 from ..core.results import load_tensors
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from .networks import ALEXNET_TORCHVISION_KEYS, alexnet, squeezenet1_1, zfnet
 
 __all__ = ["Weights", "MODELS", "WEIGHTS", "load_model", "model_meta", "imagenet_classes", "imagenet_wnids",
-           "WEIGHTS_ENV", "check_finite"]
+           "WEIGHTS_ENV", "check_finite", "torchvision_record"]
 
 WEIGHTS_ENV = "ZFNET_WEIGHTS"  # names a local weights file when there is no internet
 
@@ -56,6 +62,13 @@ class Weights:
     key_map: dict = field(default_factory=dict)  # published key prefix -> our module name
     metrics: dict = field(default_factory=dict)
     mean_image: torch.Tensor | None = None  # (3, 256, 256): the paper's per-pixel mean, from a checkpoint
+    name: str | None = None  # torchvision's name of these weights, e.g. "ResNet50_Weights.IMAGENET1K_V2"
+    # The torchvision preset's geometry and normalization (what torchvision's weights transforms declare).
+    resize_size: int = 256
+    crop_size: int = 224
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    interpolation: str = "bilinear"
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -204,10 +217,15 @@ def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes
     Args:
         spec: a name from MODELS, "package.module:factory", or an nn.Module (used as is).
         weights: None (random init), "default" (the published weights: the file named by $ZFNET_WEIGHTS
-            if set, else downloaded once via torch.hub and hash-checked), a local path, or a URL.
+            if set, else downloaded once via torch.hub and hash-checked), a local path, or a URL. For a
+            torchvision builder ("torchvision.models:resnet50") also torchvision's weight names
+            ("IMAGENET1K_V2", "DEFAULT", "ResNet50_Weights.IMAGENET1K_V2"); "default" is its DEFAULT.
         allow_nonfinite: load weights holding NaN or Infinity (refused by default: every output would be NaN).
     Returns: the model in eval mode, with its weights record at `model.zfnet_weights`.
     """
+    named = _torchvision_weights(spec, weights)
+    if named is not None:
+        return _load_torchvision(spec, named, num_classes).to(device).eval()
     model = spec if isinstance(spec, nn.Module) else _build(spec, num_classes)
     name = spec if isinstance(spec, str) else type(spec).__name__
     record = WEIGHTS.get(name, Weights())
@@ -233,3 +251,117 @@ def load_model(spec: str | nn.Module, weights: str | None = None, *, num_classes
     model.zfnet_weights = record
     return model.to(device).eval()
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# torchvision's weights by name.
+_WEIGHT_NAME = re.compile(r"^(?:(?P<enum>[A-Za-z_]\w*_Weights)\.)?(?P<value>[A-Za-z_]\w*)$")
+
+
+def _torchvision_builder(spec):
+    """The torchvision builder that `spec` ("torchvision.models:resnet50") names, else None."""
+    if not isinstance(spec, str) or ":" not in spec:
+        return None
+    mod_name, _, attr = spec.partition(":")
+    if mod_name != "torchvision" and not mod_name.startswith("torchvision."):
+        return None
+    try:
+        return getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ZfnetError(f"cannot import model factory {spec!r}: {e}") from None
+
+
+def _torchvision_weights(spec, weights):
+    """torchvision's weights enum member that `weights` names for the builder `spec`; None when `spec` is
+    not a torchvision builder or `weights` is a file, a URL, none, or "default" with $ZFNET_WEIGHTS set."""
+    if not isinstance(weights, str) or weights.startswith(("http://", "https://", "file://")):
+        return None
+    if weights == "default":
+        if os.environ.get(WEIGHTS_ENV):
+            return None
+        weights = "DEFAULT"
+    m = _WEIGHT_NAME.match(weights)
+    if m is None or os.path.exists(weights):
+        return None
+    builder = _torchvision_builder(spec)
+    if builder is None:
+        return None
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(builder)
+    except ValueError:
+        raise ZfnetError(f"{spec} declares no torchvision weights; pass --weights FILE") from None
+    names = ", ".join(dict.fromkeys([*enum.__members__, "DEFAULT"]))
+    if m.group("enum") and m.group("enum") != enum.__name__:
+        raise ZfnetError(f"--weights {weights}: these are not weights of {spec} ({enum.__name__}: {names})")
+    value = m.group("value")
+    member = enum.__members__.get(value) or enum.__members__.get(value.upper())
+    if member is None:
+        raise ZfnetError(f"--weights {weights}: {spec} has no such weights (choose from {names}, a file or a URL)")
+    return member
+
+
+def torchvision_record(member) -> Weights:
+    """zfnet's weights record of a torchvision weights enum member: URL and hash prefix, categories,
+    ImageNet metrics, and the preprocessing its transforms declare (resize, crop, mean/std, filter)."""
+    t = member.transforms()
+    crop, resize = getattr(t, "crop_size", None), getattr(t, "resize_size", None)
+    if not crop or not resize:
+        raise ZfnetError(f"{type(member).__name__}.{member.name}: its preprocessing ({type(t).__name__}) is not "
+                         f"a resize and centre crop; zfnet handles image-classification weights")
+    digest = re.search(r"-([a-f0-9]{8,})\.", os.path.basename(member.url))
+    metrics = member.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    categories = member.meta.get("categories")
+    return Weights(url=member.url, sha256=digest.group(1) if digest else None,
+                   categories=tuple(categories) if categories else None,
+                   metrics={f"imagenet_{k.replace('acc@', 'top')}": v for k, v in metrics.items()},
+                   name=f"{type(member).__name__}.{member.name}", resize_size=int(resize[0]), crop_size=int(crop[0]),
+                   mean=tuple(float(v) for v in t.mean), std=tuple(float(v) for v in t.std),
+                   interpolation=str(getattr(t.interpolation, "value", t.interpolation)))
+
+
+@contextmanager
+def _weights_only(enum):
+    """While torchvision's builder loads `enum` weights: torch.load(weights_only=True) (torchvision's own
+    get_state_dict unpickles anything), hash-checked downloads, torch.hub's download line on stderr (stdout
+    may be --json), and one-line errors. Not thread-safe: it swaps a method of the enum class."""
+    own = enum.__dict__.get("get_state_dict")
+    original = enum.get_state_dict
+
+    def get_state_dict(self, *args, **kwargs):
+        kwargs.update(weights_only=True, check_hash=True)
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(self.url))
+        try:
+            with redirect_stdout(sys.stderr):
+                return original(self, *args, **kwargs)
+        except Exception as e:
+            what = f"{type(self).__name__}.{self.name}"
+            if isinstance(e, RuntimeError) and "hash" in str(e):  # torch.hub's check of a fresh download
+                raise ZfnetError(f"downloaded weights {what} from {self.url} failed the sha256 check") from None
+            if os.path.exists(cached):  # the file is there, but holds more than plain tensors, or is broken
+                raise ZfnetError(f"cannot load {what} from {cached}: {str(e).splitlines()[0][:160]}") from None
+            raise ZfnetError(f"cannot download {what} from {self.url} ({type(e).__name__}); offline, put that "
+                             f"file at {cached} or pass --weights FILE") from None
+
+    enum.get_state_dict = get_state_dict
+    try:
+        yield
+    finally:
+        if own is not None:
+            enum.get_state_dict = own
+        else:
+            del enum.get_state_dict
+
+
+def _load_torchvision(spec: str, member, num_classes: int | None) -> nn.Module:
+    """Build with torchvision's builder and its weights, so every adjustment the builder makes for them
+    (Inception's transform_input, DenseNet's legacy keys, auxiliary heads) is made as torchvision makes it."""
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    with _weights_only(type(member)):
+        try:
+            model = _torchvision_builder(spec)(weights=member, **kwargs)
+        except ValueError as e:  # e.g. num_classes that does not fit the weights
+            raise ZfnetError(f"{spec} with weights {member}: {e}") from None
+    model.zfnet_weights = torchvision_record(member)
+    return model
