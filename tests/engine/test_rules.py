@@ -320,7 +320,7 @@ def test_record_lists_every_kind_and_its_rule(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no deconv projection rule for softsign" in err
     project(model, x, ["conv2:1@2,2"], "deconv")  # the same kind again: no second line
-    assert capsys.readouterr().err == ""
+    assert "softsign" not in capsys.readouterr().err  # (the engine's own line about crops may come)
     json.dumps(rec)  # JSON as it is
     # Saliency is the plain gradient everywhere: every kind has its rule, nothing to warn about.
     sal = rules_on_path(model, x, ["conv2"], "saliency")
