@@ -1,4 +1,5 @@
-"""Tiny models and image files shared by tests in several folders (mining, atlas, site, CLI)."""
+"""Tiny models, image files and references shared by tests in several folders (mining, atlas, site,
+CLI, layers)."""
 
 import shutil
 import struct
@@ -64,3 +65,28 @@ def png_claiming(path: Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
                      + chunk(b"IEND", b""))
     return path
+
+
+def module_calls(model, x):
+    """Every module call's output, cloned by a plain forward hook the moment the call returns: {layer name:
+    tensor}, a module's later calls named NAME#2, NAME#3, ... (the reference for taps)."""
+    calls, out, handles = {}, {}, []
+
+    def hook(name):
+        def fn(module, args, output):
+            t = output[0] if isinstance(output, (tuple, list)) and output else output
+            k = calls[name] = calls.get(name, 0) + 1
+            if isinstance(t, torch.Tensor):
+                out[name if k == 1 else f"{name}#{k}"] = t.detach().clone()
+        return fn
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out

@@ -1,20 +1,27 @@
-"""Receptive fields: where each unit of a layer looks in the input, tracked through one forward pass.
+"""Receptive fields (Sec. 2.1, 4): where each unit of a layer looks in the input.
 
-A TorchFunctionMode follows every tensor of a forward pass (module and functional calls alike) and
-derives, per tensor, its Field (jump = stride in input pixels, receptive-field size, start offset of unit
-0) and the exact input rows / columns each output row / column sees. The exact spans matter: at borders
-(padding inside the network, dilation gaps, ceil-mode pooling) units see less than the affine formula
-says. zfnet.inspect.layers turns this into the layer table.
+A Field is the affine answer (jump = stride in input pixels, receptive-field size, start offset of unit 0);
+a Geom adds, per row and column of a map, the exact inclusive input interval it depends on (at borders,
+padding inside the network, dilation gaps and ceil-mode pooling make units see less than the affine
+formula says), and which tensor dimensions hold the map's rows and columns, since modern networks move
+their maps around (permute to channels-last and back, view + transpose for a channel shuffle, flatten to
+tokens, chunk / split). The functions below say how each kind of op changes a Geom; None means the op is
+not followed (every unit may see everything). zfnet.inspect.tracker applies them along one forward pass.
+
+Ops that mix all positions (global pooling, squeeze-and-excitation gates, group / instance norm
+statistics) get two answers: the exact geometry (every unit sees what the whole map sees) and the
+*local* geometry: the path that carries position, with gates and normalisation statistics treated as
+constants (the part of the image a unit's value is about). A tensor with no such path (the gate itself)
+has the local answer GLOBAL.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-__all__ = ["Field", "Geom", "FieldTracker", "arg", "pair"]
+__all__ = ["Field", "Geom", "GLOBAL", "arg", "pair"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -50,6 +57,11 @@ class Field:
         x1 = max(self.start_x + self.size_x, other.start_x + other.size_x)
         return Field(max(self.jump_y, other.jump_y), max(self.jump_x, other.jump_x), y1 - y0, x1 - x0, y0, x0)
 
+    def shifted(self, dy: int, dx: int, sy: int = 1, sx: int = 1) -> "Field":
+        """The field of the sub-grid of positions dy, dy + sy, ... (rows) and dx, dx + sx, ... (columns)."""
+        return Field(self.jump_y * sy, self.jump_x * sx, self.size_y, self.size_x,
+                     self.start_y + dy * self.jump_y, self.start_x + dx * self.jump_x)
+
 
 def pair(v) -> tuple:
     if isinstance(v, (tuple, list)):
@@ -64,13 +76,32 @@ def arg(args, kwargs, i, name, default):
 
 @dataclass(frozen=True)
 class Geom:
-    """What the tracker attaches to a tensor: the affine Field (None if not affine) and, per output row and
-    column, the exact inclusive input interval it depends on. Exact boxes matter at borders: a window that
-    reaches into the padding of an intermediate layer sees less of the image than the affine formula says."""
+    """What the tracker attaches to a tensor: the affine Field (None if not affine), per row and column of
+    the map the exact inclusive input interval it depends on, and per tensor dimension whether it holds
+    the rows ("h"), the columns ("w"), both flattened row-major ("hw") or neither (""). Without a row
+    axis (a vector; rows reduced away) there is one row span that every element sees; same for columns.
+    Exact boxes matter at borders: a window that reaches into the padding of an intermediate layer sees
+    less of the image than the affine formula says."""
 
     field: Field | None
-    rows: tuple  # ((lo, hi), ...) one per output row, inclusive input rows
+    rows: tuple  # ((lo, hi), ...) one per row of the map, inclusive input rows
     cols: tuple
+    axes: tuple = ("", "", "h", "w")
+
+    def dim(self, label: str) -> int | None:
+        return self.axes.index(label) if label in self.axes else None
+
+
+class _Global:
+    def __repr__(self):
+        return "GLOBAL"
+
+
+GLOBAL = _Global()  # the local geometry of a tensor with no path that carries position (a pooled gate)
+
+
+def hull(spans: tuple) -> tuple[int, int]:
+    return min(s[0] for s in spans), max(s[1] for s in spans)
 
 
 def _slide(spans: tuple, n_out: int, k: int, s: int, p: int, d: int = 1) -> tuple:
@@ -83,7 +114,8 @@ def _slide(spans: tuple, n_out: int, k: int, s: int, p: int, d: int = 1) -> tupl
         lo = first + d * (-(-max(0, -first) // d))  # first tap >= 0
         hi = first + d * min(k - 1, (last - first) // d)  # last tap <= last
         lo, hi = (lo, hi) if lo <= hi else (min(max(first, 0), last),) * 2
-        out.append((spans[lo][0], spans[hi][1]))
+        taps = spans[lo:hi + 1:d]  # (not monotone after reflect / circular padding)
+        out.append((min(t[0] for t in taps), max(t[1] for t in taps)))
     return tuple(out)
 
 
@@ -92,91 +124,230 @@ def _adaptive(spans: tuple, n_out: int) -> tuple:
     return tuple((spans[(i * n) // n_out][0], spans[-(-(i + 1) * n // n_out) - 1][1]) for i in range(n_out))
 
 
-def _union_spans(a: tuple, b: tuple) -> tuple:
-    return tuple((min(x[0], y[0]), max(x[1], y[1])) for x, y in zip(a, b))
+def _padded(spans: tuple, before: int, n_out: int, mode: str) -> tuple:
+    """Spans after padding one axis: zeros see nothing (the nearest real row stands in, as for conv
+    padding); reflect / replicate / circular positions read one real position each."""
+    if mode == "constant":
+        return _slide(spans, n_out, 1, 1, before)
+    n, out = len(spans), []
+    for i in range(n_out):
+        j = i - before
+        if mode == "reflect":
+            j = -j if j < 0 else (2 * (n - 1) - j if j > n - 1 else j)
+        elif mode == "replicate":
+            j = min(max(j, 0), n - 1)
+        else:  # circular
+            j %= n
+        out.append(spans[j])
+    return tuple(out)
 
 
-class FieldTracker(TorchFunctionMode):
-    """Propagates geometry along every tensor of one forward pass (functional calls included)."""
+# ----------------------------------------------------------------------------------------------------
+# Rules: how each kind of op moves geometry. A rule maps a Geom to a Geom, or to None where the op is not
+# followed (then every unit may see everything).
+def window(g: Geom, n_out: tuple, k: tuple, s: tuple, p: tuple, d: tuple) -> Geom | None:
+    if g.axes[-2:] != ("h", "w"):
+        return None
+    return Geom(g.field.pooled(k, s, p, d) if g.field else None, _slide(g.rows, n_out[0], k[0], s[0], p[0], d[0]),
+                _slide(g.cols, n_out[1], k[1], s[1], p[1], d[1]), g.axes)
 
-    _WINDOW_OPS = {"conv2d", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool2d"}
 
-    def __init__(self):
-        super().__init__()
-        self.geoms: dict[int, tuple[torch.Tensor, Geom | None]] = {}  # id -> (tensor kept alive, geometry)
+def spatial(g: Geom, dims) -> bool:
+    """Whether the dimensions `dims` hold more than one position of the map."""
+    return any((g.axes[d] == "h" and len(g.rows) > 1) or (g.axes[d] == "w" and len(g.cols) > 1)
+               or g.axes[d] == "hw" for d in dims)
 
-    def geom_of(self, t) -> Geom | None | bool:
-        """The tensor's geometry; None = sees the whole input; False = not derived from the input."""
-        hit = self.geoms.get(id(t))
-        return False if hit is None or hit[0] is not t else hit[1]
 
-    def set(self, t, geom):
-        self.geoms[id(t)] = (t, geom)
+def mix(g: Geom, dims, collapse: bool, drop: bool = False, relabel: bool = False) -> Geom:
+    """Every element depends on all positions along `dims`. collapse: one position is left along them (a
+    reduction); drop: they are removed (no keepdim); relabel: they hold something else now (a linear map
+    over them)."""
+    labels = {g.axes[d] for d in dims}
+    rows, cols = g.rows, g.cols
+    if labels & {"h", "hw"}:
+        rows = (hull(rows),) * (1 if collapse else len(rows))
+    if labels & {"w", "hw"}:
+        cols = (hull(cols),) * (1 if collapse else len(cols))
+    axes = g.axes
+    if relabel or collapse and "hw" in labels:
+        axes = tuple("" if i in dims else a for i, a in enumerate(axes))
+    if drop:
+        axes = tuple(a for i, a in enumerate(axes) if i not in dims)
+    return Geom(g.field if not spatial(g, dims) else None, rows, cols, axes)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        inputs = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
-        inputs += [t for a in args if isinstance(a, (list, tuple)) for t in a if isinstance(t, torch.Tensor)]
-        known = [g for g in (self.geom_of(t) for t in inputs) if g is not False]
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        first = outs[0] if outs and isinstance(outs[0], torch.Tensor) else None
-        if not known or first is None:
-            return out
-        x = args[0] if args else None
-        gx = self.geom_of(x) if isinstance(x, torch.Tensor) else False
-        geom = None
-        if None in known or first.dim() != 4:
-            geom = None  # flattened / pooled to a vector: every unit sees everything
-        elif name in self._WINDOW_OPS and gx:
-            if name == "conv2d":
-                w = arg(args, kwargs, 1, "weight", None)
-                k = tuple(w.shape[-2:])
-                s = pair(arg(args, kwargs, 3, "stride", 1))
-                pad = arg(args, kwargs, 4, "padding", 0)
-                d = pair(arg(args, kwargs, 5, "dilation", 1))
-                if pad == "valid":
-                    pad = 0
-                if pad == "same":  # PyTorch puts the odd pixel of 'same' padding at the end
-                    pad = tuple((d[i] * (k[i] - 1)) // 2 for i in range(2))
-                p = pair(pad)
+
+def reshape(g: Geom, old: tuple, new: tuple) -> Geom:
+    """view / reshape / flatten / squeeze / unsqueeze: the element order stays row-major, so dimensions
+    correspond in groups of equal products. A group keeps its label if it holds one axis (or rows and
+    columns merged into one "hw" dimension, or split back); an axis merged with anything else loses its
+    positions (every element then sees what the whole map sees)."""
+    axes: list[str] = []
+    i = j = 0
+    while i < len(old) or j < len(new):
+        i0, j0, a, b = i, j, 1, 1
+        if i < len(old):
+            a, i = old[i], i + 1
+        if j < len(new):
+            b, j = new[j], j + 1
+        while a != b:
+            if a < b and i < len(old):
+                a, i = a * old[i], i + 1
             else:
-                k = pair(arg(args, kwargs, 1, "kernel_size", 1))
-                s = arg(args, kwargs, 2, "stride", None)
-                s = k if s is None or s == [] or s == () else pair(s)
-                p = pair(arg(args, kwargs, 3, "padding", 0))
-                d = pair(arg(args, kwargs, 4, "dilation", 1)) if "max" in name else (1, 1)
-            geom = Geom(gx.field.pooled(k, s, p, d) if gx.field else None,
-                         _slide(gx.rows, first.shape[-2], k[0], s[0], p[0], d[0]),
-                         _slide(gx.cols, first.shape[-1], k[1], s[1], p[1], d[1]))
-        elif name in ("adaptive_avg_pool2d", "adaptive_max_pool2d") and gx:
-            h, w = x.shape[-2:]
-            oh, ow = first.shape[-2:]
-            field = None  # 1x1 output = global; irregular bins: exact boxes only
-            if gx.field and (h, w) == (oh, ow):
-                field = gx.field
-            elif gx.field and h % oh == 0 and w % ow == 0 and (oh, ow) != (1, 1):
-                field = gx.field.pooled((h // oh, w // ow), (h // oh, w // ow), (0, 0))
-            geom = Geom(field, _adaptive(gx.rows, oh), _adaptive(gx.cols, ow))
-        elif name == "pad" and gx:
-            pads = list(arg(args, kwargs, 1, "pad", ())) + [0, 0, 0, 0]
-            f = gx.field
-            field = f and Field(f.jump_y, f.jump_x, f.size_y, f.size_x,
-                                f.start_y - pads[2] * f.jump_y, f.start_x - pads[0] * f.jump_x)
-            geom = Geom(field, _slide(gx.rows, first.shape[-2], 1, 1, pads[2]),
-                         _slide(gx.cols, first.shape[-1], 1, 1, pads[0]))
+                b, j = b * new[j], j + 1
+        labels = [g.axes[k] or "c" for k in range(i0, i) if old[k] > 1]
+        big = [k - j0 for k in range(j0, j) if new[k] > 1]
+        group = [""] * (j - j0)
+        if labels == ["h", "w"] and len(big) == 1:
+            group[big[0]] = "hw"
+        elif labels == ["hw"] and [new[j0 + k] for k in big] == [len(g.rows), len(g.cols)]:
+            group[big[0]], group[big[1]] = "h", "w"
+        elif labels in (["h"], ["w"], ["hw"]) and len(big) == 1:
+            group[big[0]] = labels[0]
+        elif set(labels) - {"c"}:  # positions merged with channels (a flatten before a linear layer)
+            return Geom(None, (hull(g.rows),), (hull(g.cols),), ("",) * len(new))
+        axes += group
+    return Geom(g.field, g.rows, g.cols, tuple(axes))
+
+
+def take(g: Geom, dim: int, start: int, stop: int, step: int = 1, keep: bool = True) -> Geom | None:
+    """Positions start:stop:step along dimension dim (keep=False: one position, the dimension removed)."""
+    label = g.axes[dim]
+    axes = g.axes if keep else g.axes[:dim] + g.axes[dim + 1:]
+    if label == "hw":
+        whole = (start, stop, step) == (0, len(g.rows) * len(g.cols), 1)
+        return replace(g, axes=axes) if whole and keep else None
+    if label == "h":
+        return Geom(g.field and g.field.shifted(start, 0, step, 1), g.rows[start:stop:step], g.cols, axes)
+    if label == "w":
+        return Geom(g.field and g.field.shifted(0, start, 1, step), g.rows, g.cols[start:stop:step], axes)
+    return replace(g, axes=axes)
+
+
+def index(g: Geom, shape: tuple, index) -> Geom | None:
+    """Basic indexing x[...]: ints, slices, None and Ellipsis (advanced indexing is not followed)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, bool) or not (i is None or i is Ellipsis or isinstance(i, (int, slice))) for i in index):
+        return None
+    used = sum(1 for i in index if i is not None and i is not Ellipsis)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - used) + index[k + 1:]
+    index = index + (slice(None),) * (len(shape) - sum(1 for i in index if i is not None))
+    src = dst = 0
+    for i in index:
+        if i is None:
+            g = replace(g, axes=g.axes[:dst] + ("",) + g.axes[dst:])
+            dst += 1
+            continue
+        if isinstance(i, int):
+            i %= shape[src]
+            g = take(g, dst, i, i + 1, keep=False)
         else:
-            shape = tuple(first.shape[-2:])
-            same = [g for g, t in zip((self.geom_of(t) for t in inputs), inputs)
-                    if g and t.dim() == 4 and tuple(t.shape[-2:]) == shape]
-            if same and len(same) == len(known):  # elementwise / concat on one grid: union of the branches
-                geom = same[0]
-                for g in same[1:]:
-                    field = geom.field.union(g.field) if geom.field and g.field else None
-                    geom = Geom(field, _union_spans(geom.rows, g.rows), _union_spans(geom.cols, g.cols))
-            # else: an op we do not model changed the grid: every unit may see everything (conservative)
-        for o in outs:
-            if isinstance(o, torch.Tensor):
-                self.set(o, geom)
-        return out
+            g = take(g, dst, *i.indices(shape[src]))
+            dst += 1
+        src += 1
+        if g is None:
+            return None
+    return g
+
+
+def combine(geoms: list, ndim: int) -> Geom | None:
+    """Elementwise ops and channel concatenations: each output element sees what the inputs' elements at
+    its position see. Inputs are aligned to the right (broadcasting); one that is broadcast over the rows
+    or columns (a gate of size 1 there) adds its whole span to every position."""
+    if any(len(g.axes) > ndim for g in geoms):
+        return None
+    geoms = [replace(g, axes=("",) * (ndim - len(g.axes)) + g.axes) for g in geoms]
+    R, C = max(len(g.rows) for g in geoms), max(len(g.cols) for g in geoms)
+    if any(len(g.rows) not in (1, R) or len(g.cols) not in (1, C) for g in geoms):
+        return None
+    axes = [""] * ndim
+    for g in geoms:
+        for d, a in enumerate(g.axes):
+            counts = (a == "h" and len(g.rows) == R > 1) or (a == "w" and len(g.cols) == C > 1) or a == "hw"
+            if counts and axes[d] not in ("", a):
+                return None
+            if counts:
+                axes[d] = a
+    if (R > 1 and not {"h", "hw"} & set(axes)) or (C > 1 and not {"w", "hw"} & set(axes)) \
+            or sum(a in ("h", "hw") for a in axes) > 1 or sum(a in ("w", "hw") for a in axes) > 1:
+        return None
+    rows = tuple(hull([g.rows[i if len(g.rows) > 1 else 0] for g in geoms]) for i in range(R))
+    cols = tuple(hull([g.cols[i if len(g.cols) > 1 else 0] for g in geoms]) for i in range(C))
+    field = None  # a branch broadcast over positions (a gate) makes the field irregular
+    if all(g.field is not None and (len(g.rows), len(g.cols)) == (R, C) for g in geoms):
+        field = geoms[0].field
+        for g in geoms[1:]:
+            field = field.union(g.field)
+    return Geom(field, rows, cols, tuple(axes))
+
+
+def spread(g: Geom, ndim: int) -> Geom:
+    """g's whole span, seen by every element of an ndim tensor (a value written anywhere into it)."""
+    return Geom(None, (hull(g.rows),), (hull(g.cols),), ("",) * ndim)
+
+
+def combine_local(locals_: list, ndim: int):
+    """The local answer of an elementwise op: inputs without a local path (gates) count as constants."""
+    if any(v is None for v in locals_):
+        return None
+    geoms = [v for v in locals_ if isinstance(v, Geom)]
+    return combine(geoms, ndim) if geoms else GLOBAL
+
+
+def fits(g, t: torch.Tensor) -> bool:
+    """A guard on every rule: the labelled dimensions have as many positions as the spans."""
+    if not isinstance(g, Geom):
+        return False
+    if len(g.axes) != t.dim():
+        return False
+    for d, a in enumerate(g.axes):
+        if (a == "h" and t.shape[d] != len(g.rows)) or (a == "w" and t.shape[d] != len(g.cols)) \
+                or (a == "hw" and t.shape[d] != len(g.rows) * len(g.cols)):
+            return False
+    return (len(g.rows) == 1 or "h" in g.axes or "hw" in g.axes) and (len(g.cols) == 1 or "w" in g.axes
+                                                                    or "hw" in g.axes)
+
+
+def adaptive_pool(g: Geom, size: tuple, out: tuple) -> Geom | None:
+    if g.axes[-2:] != ("h", "w"):
+        return None
+    (h, w), (oh, ow) = size, out
+    field = None  # 1x1 output = global; irregular bins: exact boxes only
+    if g.field and (h, w) == (oh, ow):
+        field = g.field
+    elif g.field and h % oh == 0 and w % ow == 0 and (oh, ow) != (1, 1):
+        field = g.field.pooled((h // oh, w // ow), (h // oh, w // ow), (0, 0))
+    return Geom(field, _adaptive(g.rows, oh), _adaptive(g.cols, ow), g.axes)
+
+
+def pad(g: Geom, ndim: int, pads: list, mode: str) -> Geom | None:
+    """F.pad: pairs (before, after) from the last dimension backwards."""
+    rows, cols, f = g.rows, g.cols, g.field
+    for i in range(0, len(pads) - 1, 2):
+        before, after = int(pads[i]), int(pads[i + 1])
+        label = g.axes[ndim - 1 - i // 2]
+        if not (before or after) or label == "":
+            continue
+        if label == "hw":
+            return None
+        if mode != "constant":
+            f = None  # reflected / wrapped borders are not affine
+        if label == "h":
+            rows = _padded(rows, before, len(rows) + before + after, mode)
+            f = f and f.shifted(-before, 0)
+        else:
+            cols = _padded(cols, before, len(cols) + before + after, mode)
+            f = f and f.shifted(0, -before)
+    return Geom(f, rows, cols, g.axes)
+
+
+def join(geoms: list, label: str) -> Geom:
+    """Concatenation along the rows (label "h") or the columns ("w"); the other axis is their union."""
+    def across(spans):
+        n = max(len(s) for s in spans)
+        return tuple(hull([s[i if len(s) > 1 else 0] for s in spans]) for i in range(n))
+
+    if label == "h":
+        return Geom(None, tuple(s for g in geoms for s in g.rows), across([g.cols for g in geoms]), geoms[0].axes)
+    return Geom(None, across([g.rows for g in geoms]), tuple(s for g in geoms for s in g.cols), geoms[0].axes)

@@ -2,57 +2,86 @@
 
 The paper reasons about "feature maps of layer 5", their receptive fields and strides (Sec. 2.1, 4, 4.1).
 For any nn.Module and input size this module answers, with one forward pass:
-  * which layers exist, in execution order, with channels and output size;
+  * which layers exist, in execution order, with channels and output size: a layer is a module call
+    (a module called twice is two layers, `NAME` and `NAME#2`; see zfnet.inspect.units), containers
+    (a ResNet block, a stage) included;
   * where each unit of a layer looks in the input (jump = stride in input pixels, receptive-field size,
-    start offset of unit 0), tracked exactly through conv/pool/pad/concat/elementwise ops;
-and it gives a scoped way to read activations (`taps`) and one parser for unit addresses ("conv5:17@3,4").
-The receptive-field tracking itself lives in zfnet.inspect.fields.
+    start offset of unit 0), exactly and, past global gates, locally (zfnet.inspect.fields);
+  * which layers are its default feature layers, the paper's "layer 1..5" (`feature_layers`).
+Taps (zfnet.inspect.taps) read layers in one forward pass; units are parsed by zfnet.inspect.units.
 """
 
 from __future__ import annotations
 
-import re
+import sys
 import weakref
-from contextlib import contextmanager
+from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 
 from ..core.errors import ZfnetError, unknown_layer
 from ..core.results import text_table
-from .fields import Field, FieldTracker, Geom, pair
+from .fields import Field, Geom, pair
+from .taps import TapOverwritten, run_with_taps, taps
+from .tracker import FieldTracker
+from .units import Unit, call_name, file_safe, parse_unit, split_call
 
-__all__ = ["Field", "LayerInfo", "LayerTable", "layer_table", "taps", "run_with_taps", "Unit",
-           "parse_unit", "feature_layers", "penultimate_layer", "file_safe"]
+__all__ = ["Field", "LayerInfo", "LayerTable", "layer_table", "taps", "run_with_taps", "TapOverwritten", "Unit",
+           "parse_unit", "feature_layers", "penultimate_layer", "file_safe", "split_call"]
 
 
 # ----------------------------------------------------------------------------------------------------
 # The table.
 @dataclass(frozen=True)
 class LayerInfo:
-    name: str
+    name: str  # the layer: module name, `#k` for the module's k-th call
     kind: str  # module class name
-    index: int  # execution order
-    channels: int
+    index: int  # execution order (when the call returns: a container comes after its contents)
+    channels: int  # values per position (a channels-last map counts its last dimension)
     height: int  # 1 for vector layers
     width: int
     field: Field | None  # affine geometry (None: global, or not affine)
     input_size: tuple[int, int] = (224, 224)
     rows: tuple | None = None  # exact inclusive input rows per output row (None: every unit sees everything)
     cols: tuple | None = None
+    # The path that carries position, global gates (squeeze-and-excitation, normalisation statistics)
+    # treated as constants; equal to the exact answer where there is no gate. None: no local path.
+    local_field: Field | None = None
+    local_rows: tuple | None = None
+    local_cols: tuple | None = None
+    layout: str = "CHW"  # the output's dimensions after the batch: C(hannels), H, W, L (= H*W flattened)
+    parent: str | None = None  # the layer this call runs inside (None: the model itself)
+    rectified: bool = False  # output of a ReLU-like activation (or a concatenation of such)
+    input_jump: tuple[int, int] | None = None  # stride in pixels of the map the call received
+    alias: bool = False  # the call returned its input unchanged (Identity, dropout in eval)
 
-    def window(self, y: int, x: int, input_size: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    @property
+    def module(self) -> str:
+        return split_call(self.name)[0]
+
+    @property
+    def gated(self) -> bool:
+        """Whether a global gate makes the exact field larger than the local one."""
+        return self.local_rows is not None and (self.local_rows, self.local_cols) != (self.rows, self.cols)
+
+    def window(self, y: int, x: int, input_size: tuple[int, int] | None = None,
+               local: bool = False) -> tuple[int, int, int, int]:
         """Input box (y0, y1, x0, x1), end-exclusive and clipped to the image, that unit (y, x) sees.
 
-        Exact: nothing outside the box can change the unit. `input_size` other than the table's falls back
-        to the affine field clipped to that size.
+        Exact: nothing outside the box can change the unit. local=True: the box of the local field (the
+        same where no global gate is in the way). `input_size` other than the table's falls back to the
+        affine field clipped to that size.
         """
         H, W = input_size or self.input_size
-        if (H, W) == tuple(self.input_size) and self.rows is not None:
-            return self.rows[y][0], self.rows[y][1] + 1, self.cols[x][0], self.cols[x][1] + 1
-        f = self.field
+        rows, cols, f = self.rows, self.cols, self.field
+        if local and self.local_rows is not None:
+            rows, cols, f = self.local_rows, self.local_cols, self.local_field
+        if (H, W) == tuple(self.input_size) and rows is not None:
+            (y0, y1), (x0, x1) = rows[y if len(rows) > 1 else 0], cols[x if len(cols) > 1 else 0]
+            return y0, y1 + 1, x0, x1 + 1
         if f is None:
             return 0, H, 0, W
         y0, x0 = f.start_y + y * f.jump_y, f.start_x + x * f.jump_x
@@ -60,15 +89,18 @@ class LayerInfo:
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "index": self.index, "channels": self.channels,
-                "height": self.height, "width": self.width, "field": asdict(self.field) if self.field else None}
+                "height": self.height, "width": self.width, "layout": self.layout,
+                "field": asdict(self.field) if self.field else None,
+                "local_field": asdict(self.local_field) if self.local_field else None}
 
 
 class LayerTable:
-    """Every named module's output, in execution order, for one (model, input size)."""
+    """Every layer (module call) in execution order, for one (model, input size)."""
 
-    def __init__(self, layers: list[LayerInfo], input_size: tuple[int, int]):
+    def __init__(self, layers: list[LayerInfo], input_size: tuple[int, int], defaults: list[str] | None = None):
         self.layers = {info.name: info for info in layers}
         self.input_size = input_size
+        self.defaults = list(defaults or [])  # the default feature layers (`feature_layers`)
 
     def __getitem__(self, name: str) -> LayerInfo:
         if name not in self.layers:
@@ -88,16 +120,22 @@ class LayerTable:
         return list(self.layers)
 
     def to_json(self) -> dict:
-        return {"input_size": list(self.input_size), "layers": [info.to_json() for info in self]}
+        return {"input_size": list(self.input_size), "feature_layers": self.defaults,
+                "layers": [{**info.to_json(), "default": info.name in self.defaults} for info in self]}
 
     def format(self) -> str:
-        rows = [("layer", "kind", "channels", "size", "stride", "rf", "start")]
+        rows = [("layer", "kind", "channels", "size", "stride", "rf", "start", "local rf", "default")]
+        defaults = set(self.defaults)
         for i in self:
             f = i.field
+            grid = f or i.local_field  # the stride and start of the grid hold with or without the gate
+            local = "" if not i.gated else (f"{i.local_field.size_y}" if i.local_field else "-")
             rows.append((i.name, i.kind, str(i.channels), f"{i.height}x{i.width}",
-                         f"{f.jump_y}" if f else "-", f"{f.size_y}" if f else "all",
-                         f"{f.start_y}" if f else "-"))
-        return "\n".join(text_table(rows))
+                         f"{grid.jump_y}" if grid else "-", f"{f.size_y}" if f else "all",
+                         f"{grid.start_y}" if grid else "-", local, "*" if i.name in defaults else ""))
+        notes = ["* default feature layers (feature_layers); local rf: the receptive field with global "
+                 "gates treated as constants, where it differs"]
+        return "\n".join(text_table(rows) + notes)
 
 
 _TABLE_CACHE: dict = {}
@@ -111,14 +149,31 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
     if cached is not None and cached[0]() is model:
         return cached[1]
     tracker = FieldTracker()
-    seen: list[tuple[str, nn.Module, torch.Tensor]] = []
+    calls: dict[str, int] = {}
+    stack: list[tuple] = []  # the calls in progress: (layer, parent, input, its version, input jump)
+    records: list[tuple] = []
     handles = []
 
-    def hook(name):
-        def fn(module, args, output):
-            out = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(out, torch.Tensor):
-                seen.append((name, module, out))
+    def pre(name):
+        def fn(module, args):
+            with torch._C.DisableTorchFunction():
+                k = calls[name] = calls.get(name, 0) + 1
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                e = tracker.entry(x)
+                f = e and (e.exact and e.exact.field or isinstance(e.local, Geom) and e.local.field)
+                stack.append((call_name(name, k), stack[-1][0] if stack else None, x,
+                              x._version if x is not None else None, (f.jump_y, f.jump_x) if f else None))
+        return fn
+
+    def post(name):
+        def fn(module, args, output=None):
+            with torch._C.DisableTorchFunction():
+                layer, parent, x, version, jump = stack.pop()
+                out = output[0] if isinstance(output, (tuple, list)) and output else output
+                if isinstance(out, torch.Tensor):  # geometry and shape now: later in-place ops change them
+                    alias = out is x and out._version == version  # (an in-place ReLU returns x changed)
+                    records.append((layer, type(module).__name__, parent, jump, alias, tuple(out.shape),
+                                    out.numel(), tracker.entry(out)))
         return fn
 
     modes = [(m, m.training) for m in model.modules()]
@@ -126,12 +181,13 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
         model.eval()  # the probing pass must not update batch-norm statistics or draw dropout masks
         for name, module in model.named_modules():
             if name:
-                handles.append(module.register_forward_hook(hook(name)))
+                handles.append(module.register_forward_pre_hook(pre(name)))
+                handles.append(module.register_forward_hook(post(name), always_call=True))
         p = next(model.parameters(), None)
         x = torch.zeros(1, in_channels, *size, device=p.device if p is not None else "cpu",
                         dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
         tracker.set(x, Geom(Field(1, 1, 1, 1, 0, 0), tuple((i, i) for i in range(size[0])),
-                             tuple((i, i) for i in range(size[1]))))
+                            tuple((i, i) for i in range(size[1]))))
         with torch.no_grad(), tracker:
             model(x)
     finally:
@@ -139,38 +195,83 @@ def layer_table(model: nn.Module, input_size: int | tuple[int, int] = 224, in_ch
             h.remove()
         for m, training in modes:
             m.training = training
-    infos, done = [], set()
-    for name, module, out in seen:
-        if name in done:  # a module called twice keeps its first call
-            continue
-        done.add(name)
-        geom = tracker.geom_of(out) or None
-        if out.dim() == 4:
-            c, h, w = out.shape[1:]
-        else:
-            c, h, w = out.shape[-1] if out.dim() else 1, 1, 1
-        infos.append(LayerInfo(name, type(module).__name__, len(infos), int(c), int(h), int(w),
-                               geom.field if geom else None, size, geom.rows if geom else None,
-                               geom.cols if geom else None))
-    table = LayerTable(infos, size)
+    infos = [_info(n, *r, size) for n, r in enumerate(records)]
+    declared = getattr(model, "feature_layers", None)
+    defaults, skipped = _default_layers(infos)
+    if skipped and not declared:
+        print(f"zfnet: default feature layers: skipped {', '.join(skipped)} (no receptive field, exact or "
+              f"local)", file=sys.stderr)
+    table = LayerTable(infos, size, list(declared) if declared else defaults)
     _TABLE_CACHE[key] = (weakref.ref(model), table)
     return table
 
 
-def feature_layers(model: nn.Module, table: LayerTable | None = None) -> list[str]:
-    """The rectified conv outputs ("layer N feature maps" in the paper), shallow to deep.
+_LABELS = {"": "C", "h": "H", "w": "W", "hw": "L"}
 
-    Our models declare them (`model.feature_layers`); for any other model: every ReLU-like module with a
-    spatial output, else every conv.
+
+def _info(index, layer, kind, parent, jump, alias, shape, numel, entry, size) -> LayerInfo:
+    exact = entry.exact if entry else None
+    local = entry.local if entry and isinstance(entry.local, Geom) else None
+    g = exact or local
+    if g is not None and set(g.axes) & {"h", "w", "hw"}:
+        h, w = len(g.rows), len(g.cols)
+        c, layout = numel // (h * w), "".join(_LABELS[a] for a in g.axes[1:])
+    elif len(shape) == 4:
+        (c, h, w), layout = shape[1:], "CHW"
+    else:
+        c, h, w, layout = (shape[-1] if shape else 1), 1, 1, "C" * (len(shape) - 1)
+    return LayerInfo(layer, kind, index, int(c), int(h), int(w), exact.field if exact else None, size,
+                     exact.rows if exact else None, exact.cols if exact else None,
+                     local.field if local else None, local.rows if local else None, local.cols if local else None,
+                     layout, parent, bool(entry and entry.rectified), jump, alias)
+
+
+def _default_layers(infos: list[LayerInfo]) -> tuple[list[str], list[str]]:
+    """The outputs of a network's blocks and stages, spread over its whole depth: (layers, skipped).
+
+    Walk the calls from the model down. A call whose maps go more than one stride-2 step past its input
+    (the model itself, a wrapped backbone, `features`, a trunk of stages) is opened into its calls.
+    Otherwise a call is a default layer if it outputs a spatial map and is a block (it runs calls that
+    run calls of their own: a residual block, an inception module, a stage) or its output is rectified
+    (a ReLU module, a conv-norm-activation unit, a Fire module's concatenation). Layers with no
+    receptive field, exact or local, are skipped.
+    """
+    kids = defaultdict(list)
+    for i in infos:
+        kids[i.parent].append(i)
+    chosen, skipped = [], []
+
+    def jump(i):  # the largest stride of the call's output and of every map inside it
+        f = i.field or i.local_field
+        own = (f.jump_y, f.jump_x) if f else (0, 0)
+        inner = [jump(c) for c in kids[i.name]]
+        return max([own] + inner)
+
+    def visit(parent):
+        for i in kids[parent]:
+            if kids[i.name] and i.input_jump and max(a / b for a, b in zip(jump(i), i.input_jump)) >= 4:
+                visit(i.name)
+            elif i.height * i.width > 1 and not i.alias and (i.rectified or any(kids[c.name] for c in kids[i.name])):
+                (chosen if i.field or i.local_field else skipped).append(i.name)
+
+    visit(None)
+    if not chosen and not skipped:
+        chosen = [i.name for i in infos if i.kind == "Conv2d"]
+    return chosen, skipped
+
+
+def feature_layers(model: nn.Module, table: LayerTable | None = None) -> list[str]:
+    """The default feature layers, shallow to deep: the paper's "layer 1..5 feature maps".
+
+    Our models declare them (`model.feature_layers`: the rectified conv outputs); for any other model,
+    the outputs of its blocks or stages that produce spatial maps, spread over the whole depth (the
+    rule: `_default_layers`): ResNet's stem and 4 stages, EfficientNet's `features.0..8`, ConvNeXt's 4
+    stages, VGG's ReLUs.
     """
     declared = getattr(model, "feature_layers", None)
     if declared:
         return list(declared)
-    table = table or layer_table(model)
-    acts = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU)
-    kinds = {a.__name__ for a in acts}
-    names = [i.name for i in table if i.kind in kinds and i.height * i.width > 1 and i.rows is not None]
-    return names or [i.name for i in table if i.kind == "Conv2d"]
+    return list((table or layer_table(model)).defaults)
 
 
 # Layers that only pass values on (skipped when looking for the layer feeding the classifier).
@@ -193,129 +294,4 @@ def penultimate_layer(model: nn.Module, table=None) -> str:
             return info.name
     raise ZfnetError("model has no layer before its classifier")
 
-
-# ----------------------------------------------------------------------------------------------------
-# Taps: read any set of layers in one forward pass.
-class _StopForward(Exception):
-    pass
-
-
-@contextmanager
-def taps(model: nn.Module, names: Iterable[str], *, detach: bool = True, stop: bool = False,
-         reduce=None):
-    """Record the outputs of the named modules while the block runs; hooks are removed on every exit.
-
-    Args:
-        names: module names (as in `model.named_modules()`).
-        detach: store detached tensors (False keeps the autograd graph, for projections).
-        stop: raise inside the forward pass once every tap is recorded, so deeper layers never run;
-            use `run_with_taps`, which catches it.
-        reduce: optional fn(name, tensor) -> value stored instead of the tensor (e.g. a spatial max),
-            so that full maps are never kept.
-    Yields: dict name -> recorded value (filled as the forward pass runs).
-    """
-    names = list(dict.fromkeys(names))
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules or not n]
-    if missing:
-        raise unknown_layer(missing[0], modules)
-    # A conv followed by an in-place ReLU would have its stored output overwritten: clone those.
-    inplace = any(getattr(m, "inplace", False) for m in modules.values())
-    out: dict = {}
-    handles = []
-
-    def hook(name):
-        def fn(module, args, output):
-            if name in out:  # modules called twice: keep the first call, like the layer table
-                return
-            t = output[0] if isinstance(output, (tuple, list)) else output
-            if reduce is not None:
-                out[name] = reduce(name, t)
-            else:
-                if detach:
-                    t = t.detach()
-                if inplace and not getattr(module, "inplace", False) and not isinstance(module, _ACTIVATIONS):
-                    t = t.clone()
-                out[name] = t
-            if stop and len(out) == len(names):
-                raise _StopForward
-        return fn
-
-    try:
-        for n in names:
-            handles.append(modules[n].register_forward_hook(hook(n)))
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh)
-
-
-def run_with_taps(model: nn.Module, x: torch.Tensor, names: Iterable[str], *, stop: bool = True,
-                  detach: bool = True, reduce=None) -> dict:
-    """One forward pass returning {name: output}; with stop=True it ends at the deepest tap."""
-    with taps(model, names, stop=stop, detach=detach, reduce=reduce) as out:
-        try:
-            model(x)
-        except _StopForward:
-            pass
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Unit addresses.
-def file_safe(text: str) -> str:
-    """A file name for any layer or unit name (module names may hold characters a file system refuses)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
-
-
-_UNIT = re.compile(r"^(?P<layer>[^:@\s]+):(?P<channel>\d+)(?:@(?P<y>\d+),(?P<x>\d+))?$")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """A feature map ("conv5:17") or one activation in it ("conv5:17@3,4")."""
-
-    layer: str
-    channel: int
-    y: int | None = None
-    x: int | None = None
-
-    def __str__(self) -> str:
-        at = f"@{self.y},{self.x}" if self.y is not None else ""
-        return f"{self.layer}:{self.channel}{at}"
-
-    @property
-    def slug(self) -> str:
-        """A file- and URL-safe form: conv5_17 or conv5_17_y3_x4 (used by every file a unit gets)."""
-        at = f"_y{self.y}_x{self.x}" if self.y is not None else ""
-        return file_safe(f"{self.layer}_{self.channel}{at}")
-
-    def check(self, table: LayerTable) -> "Unit":
-        """Validate against a layer table; errors name the valid layers or the channel range."""
-        info = table[self.layer]
-        if not 0 <= self.channel < info.channels:
-            raise ZfnetError(f"unit {self}: channel {self.channel} out of range 0..{info.channels - 1} "
-                             f"for layer {self.layer}")
-        if self.y is not None and not (0 <= self.y < info.height and 0 <= self.x < info.width):
-            raise ZfnetError(f"unit {self}: location ({self.y},{self.x}) outside the {info.height}x{info.width} "
-                             f"output of layer {self.layer}")
-        return self
-
-
-def parse_unit(text: str | Unit, table: LayerTable | None = None) -> Unit:
-    """Parse "layer:channel" or "layer:channel@y,x"; with a table, also validate it."""
-    if isinstance(text, Unit):
-        unit = text
-    else:
-        m = _UNIT.match(str(text).strip())
-        if not m:
-            raise ZfnetError(f"bad unit address {text!r}: expected LAYER:CHANNEL or LAYER:CHANNEL@Y,X "
-                             f"(e.g. conv5:17 or conv5:17@3,4)")
-        y = m.group("y")
-        unit = Unit(m.group("layer"), int(m.group("channel")), None if y is None else int(y),
-                    None if y is None else int(m.group("x")))
-    return unit.check(table) if table is not None else unit
 
