@@ -12,6 +12,7 @@ from tiny import PRE, make_folder
 from zfnet.data.images import ImageDataset
 from zfnet.engine.mine import mine
 from zfnet.engine.project import project
+from zfnet.generalization.features import probe_layers
 from zfnet.inspect.layers import feature_layers, layer_table, run_with_taps
 from zfnet.understanding.atlas import atlas
 from zfnet.understanding.occlusion import occlusion
@@ -38,6 +39,10 @@ def test_table_and_default_layers():
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     out = run_with_taps(model, x, [CALL, FIRST])
     assert torch.equal(out[CALL], block_output(model, x)) and not torch.equal(out[FIRST], out[CALL])
+
+
+def test_probe_layers_name_the_calls():
+    assert probe_layers(TinyResNet()) == ["relu", "layer1", "layer2", "fc"]
 
 
 def test_project_reaches_the_call():

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zfnet.inspect.layers import layer_table, run_with_taps
+from zfnet.inspect.layers import Field, layer_table, run_with_taps
 
 SIZE = (29, 33)
 
@@ -193,7 +193,29 @@ class Ghostish(nn.Module):
         return self.ghost2(F.avg_pool2d(self.ghost1(self.conv(x)), 2, ceil_mode=True))
 
 
-MODELS = {"convnext": ConvNeXtish, "shufflenet": ShuffleNetish, "tokens": Tokens, "ghost": Ghostish}
+class Splits(nn.Module):
+    """split / narrow / unbind + stack / unflatten + flatten / movedim: the other ways to cut and regroup;
+    tensors shaped like a global one (zeros_like) and casts to another tensor's type carry no field of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3, stride=2, padding=1)
+        self.left = nn.Conv2d(2, 2, 3, padding=1)
+        self.norm = nn.LayerNorm(6)
+        self.conv2 = nn.Conv2d(6, 3, (1, 3), stride=(1, 2))
+
+    def forward(self, x):
+        x = torch.tanh(self.conv1(x))
+        x = x.type_as(x.mean()) + torch.zeros_like(x.amax((2, 3), keepdim=True))
+        a, b = x.split([2, 4], dim=1)
+        x = torch.cat([self.left(a), b], 1).narrow(2, 1, x.shape[2] - 2)  # rows 1 .. h-2
+        x = torch.stack(x.unbind(1), 1).unflatten(1, (2, 3)).flatten(1, 2)
+        x = self.norm(x.movedim(1, -1)).movedim(-1, 1)
+        return self.conv2(x)
+
+
+MODELS = {"convnext": ConvNeXtish, "shufflenet": ShuffleNetish, "tokens": Tokens, "ghost": Ghostish,
+          "splits": Splits}
 
 
 @pytest.fixture(scope="module")
@@ -334,3 +356,20 @@ def test_unfollowed_ops_see_everything():
     info = layer_table(model, SIZE, in_channels=1)["after"]
     assert info.field is None and info.local_field is None and info.window(0, 0) == (0, SIZE[0], 0, SIZE[1])
     assert perturbation_boxes(model, ["after"])(info, 0, 0)[3] == SIZE[1]  # the flip reads the far right
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_padding_modes(mode):
+    """Reflected and replicated borders read real positions next to the border: the affine field is the
+    interior's; a circular border reads the far side of the map: no affine field, the exact spans hold
+    (adaptive pooling's bins then join spans that are not in order)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=2, padding=2, padding_mode=mode), nn.Tanh(),
+                          nn.Conv2d(2, 2, 3, padding=1, padding_mode=mode), nn.AdaptiveAvgPool2d((4, 5))).eval()
+    table = layer_table(model, SIZE, in_channels=1)
+    box = perturbation_boxes(model, table.names())
+    for info in table:
+        for y, x in positions(info):
+            assert box(info, y, x) == info.window(y, x), (info.name, y, x)
+    expect = None if mode == "circular" else Field(2, 2, 7, 7, -4, -4)
+    assert table["2"].field == expect

@@ -148,6 +148,11 @@ def test_an_unwatched_in_place_op_is_caught_by_the_version_counter(capsys):
                 model(x)
         assert torch.equal(run_with_taps(model, x, ["conv"], stop=False)["conv"], ref) and (ref < 0).any()
         assert "changed in place" in capsys.readouterr().err
+        passes = []
+        h = model.register_forward_pre_hook(lambda m, a: passes.append(1))
+        assert torch.equal(run_with_taps(model, x, ["conv"], stop=False)["conv"], ref)
+        h.remove()
+        assert len(passes) == 1 and capsys.readouterr().err == ""  # copies from now on: one pass, no re-run
         with taps(model, ["conv"], copy=True) as t:
             model(x)
     assert torch.equal(t["conv"], ref)

@@ -63,7 +63,7 @@ def probe_layers(model: torch.nn.Module) -> list[str]:
     names = list(feature_layers(model, table))
     # The last layer run gives the class scores (fc8, or SqueezeNet's global pool after its conv classifier).
     modules = dict(model.named_modules())
-    leaves = [n for n in table.names() if not list(modules[n].children())]
+    leaves = [i.name for i in table if not list(modules[i.module].children())]  # (i.name may be a later call)
     if leaves and leaves[-1] not in names:
         names.append(leaves[-1])
     return names

@@ -88,9 +88,6 @@ class Geom:
     cols: tuple
     axes: tuple = ("", "", "h", "w")
 
-    def dim(self, label: str) -> int | None:
-        return self.axes.index(label) if label in self.axes else None
-
 
 class _Global:
     def __repr__(self):
@@ -120,8 +117,9 @@ def _slide(spans: tuple, n_out: int, k: int, s: int, p: int, d: int = 1) -> tupl
 
 
 def _adaptive(spans: tuple, n_out: int) -> tuple:
+    """Adaptive pooling's bins: floor(i * n / n_out) to ceil((i + 1) * n / n_out)."""
     n = len(spans)
-    return tuple((spans[(i * n) // n_out][0], spans[-(-(i + 1) * n // n_out) - 1][1]) for i in range(n_out))
+    return tuple(hull(spans[(i * n) // n_out:-(-(i + 1) * n // n_out)]) for i in range(n_out))
 
 
 def _padded(spans: tuple, before: int, n_out: int, mode: str) -> tuple:
@@ -331,8 +329,10 @@ def pad(g: Geom, ndim: int, pads: list, mode: str) -> Geom | None:
             continue
         if label == "hw":
             return None
-        if mode != "constant":
-            f = None  # reflected / wrapped borders are not affine
+        if mode == "circular":
+            f = None  # a border position reads the far side of the map: no affine box holds
+        # (reflect / replicate read real positions next to the border: the affine field stays the interior
+        # formula and the exact spans hold the borders)
         if label == "h":
             rows = _padded(rows, before, len(rows) + before + after, mode)
             f = f and f.shifted(-before, 0)

@@ -204,14 +204,18 @@ def taps(model: nn.Module, names: Iterable[str], *, detach: bool = True, stop: b
             h.remove()
 
 
-_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_NEEDS_COPY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # models that write where the mode cannot see
 
 
 def run_with_taps(model: nn.Module, x: torch.Tensor, names: Iterable[str], *, stop: bool = True,
                   detach: bool = True, reduce=None) -> dict:
-    """One forward pass returning {layer name: output}; with stop=True it ends at the deepest tap."""
+    """One forward pass returning {layer name: output}; with stop=True it ends at the deepest tap.
+
+    A model caught writing into a recorded output behind the taps' back (TapOverwritten) is run again
+    with copies taken at once, and so are its later passes (one line on stderr says so)."""
     names = list(names)
-    for copy in (False, True):
+    while True:
+        copy = model in _NEEDS_COPY
         try:
             with taps(model, names, stop=stop, detach=detach, reduce=reduce, copy=copy) as out:
                 try:
@@ -222,8 +226,6 @@ def run_with_taps(model: nn.Module, x: torch.Tensor, names: Iterable[str], *, st
         except TapOverwritten as e:
             if copy:
                 raise
-            if model not in _WARNED:
-                _WARNED.add(model)
-                print(f"zfnet: {', '.join(e.names)}: changed in place by an op taps cannot watch; "
-                      f"forward passes of this model record copies", file=sys.stderr)
-    raise AssertionError("unreachable")
+            _NEEDS_COPY.add(model)
+            print(f"zfnet: {', '.join(e.names)}: changed in place by an op taps cannot watch; "
+                  f"forward passes of this model now record copies", file=sys.stderr)

@@ -24,12 +24,6 @@ from .fields import GLOBAL, Geom, arg, pair
 __all__ = ["FieldTracker", "RECTIFIERS"]
 
 
-def _dims(d, ndim: int) -> list[int]:
-    if d is None or (isinstance(d, (tuple, list)) and len(d) == 0):
-        return list(range(ndim))
-    return [int(k) % ndim for k in (d if isinstance(d, (tuple, list)) else (d,))]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Op vocabularies.
 _WINDOWS = {"conv2d", "max_pool2d", "_max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "lp_pool2d"}
@@ -61,6 +55,10 @@ RECTIFIERS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "
               "selu", "selu_", "celu", "celu_", "gelu", "silu", "mish", "hardswish", "softplus", "prelu", "rrelu",
               "rrelu_", "threshold", "threshold_"}
 _KEEPS_RECTIFIED = {"cat", "concat", "concatenate", "__getitem__"}
+# New tensors shaped like an input but not computed from it, and ops that read only their first argument.
+_CONSTANT_LIKE = {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like",
+                  "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
+_FIRST_ONLY = {"expand_as", "type_as", "to"}
 
 
 @dataclass
@@ -109,7 +107,9 @@ class FieldTracker(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         ins = [(t, e) for t in _tensors(args, kwargs) if (e := self.entry(t)) is not None]
-        if not ins:
+        if name in _FIRST_ONLY:
+            ins = ins[:1] if ins and ins[0][0] is args[0] else []
+        if not ins or name in _CONSTANT_LIKE:
             return out
         if name == "__setitem__":
             self._overwrite(args[0], args[2] if len(args) > 2 else None)
@@ -256,6 +256,12 @@ class FieldTracker(TorchFunctionMode):
         elif ev.local is None:
             local = None
         self.entries[id(x)] = _Entry(x, exact, local)
+
+
+def _dims(d, ndim: int) -> list[int]:
+    if d is None or (isinstance(d, (tuple, list)) and len(d) == 0):
+        return list(range(ndim))
+    return [int(k) % ndim for k in (d if isinstance(d, (tuple, list)) else (d,))]
 
 
 def _window_args(name, args, kwargs):
