@@ -41,3 +41,25 @@ class TinyResNet(nn.Module):
     def forward(self, x):
         x = self.layer2(self.layer1(self.relu(self.bn1(self.conv1(x)))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TinySE(nn.Module):
+    """MobileNetV3's pattern in small: conv, squeeze-and-excitation gate, conv; fields past the gate are the
+    whole image exactly and 3 + 2 = 5 pixels locally."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 6, 3, 1, 1)
+        self.act1 = nn.ReLU()
+        self.fc1, self.fc2 = nn.Conv2d(6, 2, 1), nn.Conv2d(2, 6, 1)
+        self.conv2 = nn.Conv2d(6, 6, 3, 2, 1)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(6, 3)
+        self.eval()
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        x = x * torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        x = self.act2(self.conv2(x))
+        return self.head(x.mean((2, 3)))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from nets import TinyResNet
+from nets import TinyResNet, TinySE
 from tiny import PRE, make_folder
 
 from zfnet.data.images import ImageDataset
@@ -86,7 +86,22 @@ def test_atlas_files_and_table_entries_survive_the_hash(tmp_path):
     assert meta["table"][CALL]["name"] == CALL and meta["table"][CALL]["crop_field"] == "exact"
     files = [p.name for p in (tmp_path / "out").rglob("*")]
     assert not [f for f in files if "#" in f] and any(f.startswith("layer2.1.relu-2_") for f in files)
-    assert res.mined.layers[CALL]["value"].shape == (8, 2)
+    assert res.mined.layers[CALL]["value"].shape[0] == 8 and len(meta["layers"][CALL]) == 8
+
+
+def test_atlas_crops_to_the_local_field_past_a_global_gate(tmp_path, capsys):
+    model = TinySE()
+    atlas(model, make_folder(tmp_path / "imgs", n=4), tmp_path / "out", ["act2"], k=2, batch_size=4,
+          preprocess=PRE, progress=False, tile=16)
+    meta = json.loads((tmp_path / "out" / "result.json").read_text())
+    info = layer_table(model, (PRE.size, PRE.size))["act2"]
+    assert info.gated and info.field is None and (info.local_field.size_y, info.local_field.size_x) == (5, 5)
+    assert meta["table"]["act2"]["crop_field"] == "local"
+    assert meta["tiles"]["act2"]["field"] == [5, 5]
+    entries = [e for es in meta["layers"]["act2"].values() for e in es]
+    assert entries and all(e["box"] == list(info.window(e["y"], e["x"], local=True)) for e in entries)
+    assert any(e["box"][1] - e["box"][0] == 5 for e in entries)  # a unit inside the image: the whole field
+    assert "act2: past a global gate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layer", [CALL, BLOCK])

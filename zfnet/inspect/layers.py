@@ -67,6 +67,11 @@ class LayerInfo:
         """Whether a global gate makes the exact field larger than the local one."""
         return self.local_rows is not None and (self.local_rows, self.local_cols) != (self.rows, self.cols)
 
+    def affine(self, local: bool = False) -> Field | None:
+        """The affine field `window` uses: local=True the local field where there is one (past a global
+        gate: what pictures of a unit crop to), else the exact field."""
+        return self.local_field if local and self.local_rows is not None else self.field
+
     def window(self, y: int, x: int, input_size: tuple[int, int] | None = None,
                local: bool = False) -> tuple[int, int, int, int]:
         """Input box (y0, y1, x0, x1), end-exclusive and clipped to the image, that unit (y, x) sees.
@@ -76,9 +81,9 @@ class LayerInfo:
         affine field clipped to that size.
         """
         H, W = input_size or self.input_size
-        rows, cols, f = self.rows, self.cols, self.field
+        rows, cols, f = self.rows, self.cols, self.affine(local)
         if local and self.local_rows is not None:
-            rows, cols, f = self.local_rows, self.local_cols, self.local_field
+            rows, cols = self.local_rows, self.local_cols
         if (H, W) == tuple(self.input_size) and rows is not None:
             (y0, y1), (x0, x1) = rows[y if len(rows) > 1 else 0], cols[x if len(cols) > 1 else 0]
             return y0, y1 + 1, x0, x1 + 1

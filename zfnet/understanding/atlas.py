@@ -208,6 +208,10 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
     size = (preprocess.size, preprocess.size)
     table = layer_table(model, size)
     layouts = {n: layer_layout(table[n], size, tile) for n in layers}
+    gated = [n for n in layers if table[n].gated]
+    if gated and rank == 0:
+        print(f"zfnet: atlas: {', '.join(gated)}: past a global gate every unit sees the whole image; patches "
+              f"and projections are cropped to the local field (result.json table: crop_field)", file=sys.stderr)
     key = _run_key(model, mined, layers, k, mode, tile, seed, figure_units)
     record = read_json(out / _PROGRESS) if resume and (out / _PROGRESS).exists() else {}
     if record.get("key") != key:
@@ -337,7 +341,8 @@ def _meta(mined: MineResult, layers, table, layouts, *, k, top_n, figure_units, 
             s["predicted"] = _class_name(categories, preds[i])
             s["confidence"] = round(conf[i], 4)
         sources[i] = s
-    meta.update(data=str(root) if root else None, table={n: table[n].to_json() for n in layers},
+    crops = {n: {**table[n].to_json(), "crop_field": "local" if table[n].gated else "exact"} for n in layers}
+    meta.update(data=str(root) if root else None, table=crops,
                 quantiles=list(QUANTILES), units=units, dead=dead, tiles=tiles, figures=figures,
                 sources={str(i): s for i, s in sorted(sources.items())}, classes=mined.classes,
                 predictions=mined.predictions is not None)

@@ -46,9 +46,10 @@ def image_view(index: int) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Geometry: the one place where the atlas asks the layer table where a unit looks.
 def layer_layout(info: LayerInfo, input_size: tuple[int, int], max_tile: int) -> TileLayout:
-    """The layer's tile: its full receptive field (at most the image), shown at a readable size."""
+    """The layer's tile: its full receptive field (at most the image), shown at a readable size. Past a
+    global gate (squeeze-and-excitation) every unit sees the whole image: tiles show the local field."""
     H, W = input_size
-    f = info.field
+    f = info.affine(local=True)
     fh, fw = (H, W) if f is None else (min(f.size_y, H), min(f.size_x, W))
     return TileLayout.for_field(fh, fw, min_tile=max(1, round(0.75 * max_tile)), max_tile=max_tile)
 
@@ -56,8 +57,8 @@ def layer_layout(info: LayerInfo, input_size: tuple[int, int], max_tile: int) ->
 def field_box(info: LayerInfo, y: int, x: int, input_size: tuple[int, int], layout: TileLayout):
     """((y0, y1, x0, x1): the input box unit (y, x) sees, clipped to the image; (oy, ox): where that box
     lies inside the layer's tile, so that a clipped field keeps its place and its scale)."""
-    box = info.window(y, x, input_size)
-    f = info.field
+    box = info.window(y, x, input_size, local=True)
+    f = info.affine(local=True)
     fy0, fx0 = (0, 0) if f is None else (f.start_y + y * f.jump_y, f.start_x + x * f.jump_x)
     fh, fw = layout.field
     oy = min(max(box[0] - fy0, 0), max(0, fh - (box[1] - box[0])))
