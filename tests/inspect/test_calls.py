@@ -10,9 +10,9 @@ from nets import TinyResNet, TinySE
 from tiny import PRE, make_folder
 
 from zfnet.data.images import ImageDataset
+from zfnet.engine.features import probe_layers
 from zfnet.engine.mine import mine
 from zfnet.engine.project import project
-from zfnet.generalization.features import probe_layers
 from zfnet.inspect.layers import feature_layers, layer_table, run_with_taps
 from zfnet.understanding.atlas import atlas
 from zfnet.understanding.occlusion import occlusion
