@@ -20,7 +20,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..inspect.fields import Field, FieldTracker, Geom, pair
+from ..inspect.fields import Field, Geom, pair
+from ..inspect.tracker import FieldTracker
 
 __all__ = ["Unsupported", "Traced", "trace", "classify", "call", "maybe_inplace", "standard", "describe"]
 
@@ -197,8 +198,9 @@ def _leaf_geometry(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple 
     with torch.no_grad(), tracker:
         res = mod(probe)
     res = res[0] if isinstance(res, (tuple, list)) else res
-    geom = tracker.geom_of(res)
-    if not geom or geom.field is None or not isinstance(res, torch.Tensor) or res.shape != out.shape:
+    e = tracker.entry(res) if isinstance(res, torch.Tensor) else None
+    geom = e.exact if e is not None else None  # (None: not derived from the input, or global)
+    if geom is None or geom.field is None or not isinstance(res, torch.Tensor) or res.shape != out.shape:
         return None
     f = geom.field
     axes = ((f.size_y, f.jump_y, -f.start_y), (f.size_x, f.jump_x, -f.start_x))
