@@ -1,6 +1,7 @@
 """Tiny models, image files and references shared by tests in several folders (mining, atlas, site,
 CLI, layers)."""
 
+import re
 import shutil
 import struct
 import zlib
@@ -90,3 +91,13 @@ def module_calls(model, x):
         for h in handles:
             h.remove()
     return out
+
+
+# A progress line (`zfnet: predict 1/1 img (100%), 632 img/s in 0:00`): printed on stderr where it is not a
+# terminal, and not an error line.
+PROGRESS = re.compile(r"^zfnet: \S.* \d+(/\d+)? \S+( \(\d+%\))?, [\d.e+-]+ \S+/s")
+
+
+def message_lines(err: str) -> list[str]:
+    """The non-empty lines of stderr that are not progress lines."""
+    return [ln for ln in err.splitlines() if ln.strip() and not PROGRESS.match(ln)]

@@ -1,11 +1,11 @@
 """`zfnet predict`: real accuracy on the real photos, JSON output, and bad input as one line."""
 
 import json
-import re
 
 import pytest
 from PIL import Image
 from shared_data import SQUEEZENET_WEIGHTS, need_shared
+from tiny import message_lines
 
 from zfnet.cli import main
 from zfnet.models.predict import predict, topk_accuracy
@@ -30,15 +30,11 @@ def test_cli_json_on_shipped_samples(capsys):
     assert cat["top5"][0]["index"] in range(281, 286)  # a domestic cat class (tabby, tiger cat, ...)
 
 
-PROGRESS = re.compile(r"^zfnet: \S.* \d+(/\d+)? \S+( \(\d+%\))?, [\d.e+-]+ \S+/s")
-
-
 def _one_line_error(capsys, argv, match, code=2):
     rc = main(argv)
     err = capsys.readouterr().err
     assert rc == code and "Traceback" not in err
-    # progress lines (`zfnet: predict 1/1 img ...`, printed where stderr is not a terminal) are not errors
-    lines = [ln for ln in err.splitlines() if ln.strip() and not PROGRESS.match(ln)]
+    lines = message_lines(err)
     assert len(lines) == 1 and match in lines[0], err
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
+from tiny import message_lines
 
 from zfnet.cli import main as cli
 from zfnet.core.errors import ZfnetError
@@ -224,4 +225,4 @@ def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
                       (["--data", str(flat)], "--model auto needs --weights CHECKPOINT")]:
         assert cli(["evaluate", "--out", str(tmp_path / "o")] + argv) == 2
         err = capsys.readouterr().err
-        assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and msg in err, err
+        assert "Traceback" not in err and len(message_lines(err)) == 1 and msg in err, err

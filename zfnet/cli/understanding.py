@@ -80,9 +80,10 @@ def _occlude_args(p):
     p.add_argument("images", nargs="+", metavar="IMAGE", help="one or more image files")
     add_list_arg(p, "--label", nonnegative_int, default=None,
                  help="correct class index, one for all images or one per image (default: each clean top-1)")
-    p.add_argument("--size", default="48", help="occluder side in input pixels, or HxW (default: %(default)s)")
-    p.add_argument("--stride", default="16", help="occluder step in input pixels, or YxX; at most the size "
-                   "(default: %(default)s)")
+    p.add_argument("--size", type=_size_pair, default="48",
+                   help="occluder side in input pixels, or HxW (default: %(default)s)")
+    p.add_argument("--stride", type=_size_pair, default="16",
+                   help="occluder step in input pixels, or YxX; at most the size (default: %(default)s)")
     p.add_argument("--baseline", type=_baseline, default="0", help="what occluded pixels become: a number "
                    "after normalization (0 = the preprocessing mean), 'mean' (the image's per-channel mean), "
                    "'blur' or 'blur:SIGMA' (a blurred copy of the image) (default: %(default)s)")
@@ -113,15 +114,15 @@ def _baseline(text) -> str:
     return spec
 
 
-def _size_pair(text, what):
-    """"48" or "48x32" -> (48, 48) / (48, 32)."""
-    parts = str(text).lower().split("x")
+def _size_pair(text) -> tuple[int, int]:
+    """--size / --stride: "48" or "48x32" -> (48, 48) / (48, 32), whole numbers >= 1."""
+    parts = str(text).strip().lower().split("x")
     try:
         vals = [int(v) for v in parts]
     except ValueError:
         vals = []
-    if len(vals) not in (1, 2):
-        raise ZfnetError(f"bad --{what} {text!r}: use N or HxW (e.g. 48 or 48x32)")
+    if len(vals) not in (1, 2) or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use N or HxW, whole numbers >= 1 (e.g. 48 or 48x32)")
     return (vals[0], vals[-1])
 
 
@@ -135,7 +136,7 @@ def _occlude(args):
     labels = args.label or [None]
     if len(labels) not in (1, len(args.images)):
         raise ZfnetError(f"--label: {len(labels)} labels for {len(args.images)} images (give one, or one per image)")
-    size, stride = _size_pair(args.size, "size"), _size_pair(args.stride, "stride")
+    size, stride = args.size, args.stride
     out, several = Path(args.out), len(args.images) > 1
     baseline = args.baseline if args.fill is None else args.fill
     done, skipped, folders = [], [], set()

@@ -1,10 +1,10 @@
 """Exact incremental inference for many small changes of one image (the engine behind occlusion).
 
-An occluder changes only the units whose receptive field it touches (Krypton, Nakandala et al., SIGMOD
-2019). The model is traced by torch.fx into its graph of op calls (zfnet.engine.locality); the clean value
-of every node is computed once. For a batch of occluder positions each node then carries, per position,
-only a window of its output (the changed units, padded to one shape per batch; zfnet.engine.windows) on top
-of its clean map:
+An occluder changes only the units whose receptive field it touches (Krypton, Nakandala et al., SIGMOD 2019). The
+model is traced by torch.fx into its graph of op calls (zfnet.engine.graph; the reach of each op:
+zfnet.engine.locality); the clean value of every node is computed once. For a batch of occluder positions each node
+then carries, per position, only a window of its output (the changed units, padded to one shape per batch;
+zfnet.engine.windows) on top of its clean map:
 
   * sliding windows (Conv2d, MaxPool2d, AvgPool2d): the affected output units follow from kernel, stride
     and padding; they are computed from an exact crop of the input (clean map + changed window, explicit
@@ -35,7 +35,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .locality import Unsupported, call, classify, describe, maybe_inplace, standard, trace
+from .graph import Unsupported, call, describe, maybe_inplace, standard, trace
+from .locality import classify
 from .windows import MapBuffer, from_op, to_op
 
 __all__ = ["Incremental", "Unsupported"]

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
+from .graph import describe
 from .incremental import Incremental, Unsupported
-from .locality import describe
 
 __all__ = ["Occluded", "occluder_boxes", "occluded_outputs", "module_calls"]
 

@@ -191,11 +191,13 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
     if not resume and rank == 0:
         for old in [state, *out.glob("mine-state.pt.rank*")]:
             old.unlink(missing_ok=True)
-        _clear_pictures(out)
     _barrier(world)
     mined = mine(model, dataset, layers, k=max(k, top_n), batch_size=batch_size, state=state, progress=progress,
                  workers=workers, per_image=per_image, positive=True, predict=True)
     t_mine = time.time() - t0
+    if not resume and rank == 0:  # only now: a run that can mine nothing loses nothing of an earlier atlas
+        _clear_pictures(out)
+    _barrier(world)
     if rank == 0:
         arrays = {f"{n}.{key}": t.numpy() if key == "value" else t.int().numpy()  # indices fit 32 bits
                   for n, d in mined.layers.items() for key, t in d.items()}
