@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zfnet.data.images import Batches, ImageDataset, Preprocess, list_images  # noqa: E402
-from zfnet.data.samples import sample_dir  # noqa: E402
+from zfnet.data.samples import demo_dir  # noqa: E402
 from zfnet.models.weights import load_model  # noqa: E402
 from zfnet.report.budget import Budgets  # noqa: E402
 from zfnet.report.run import report  # noqa: E402
@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--out", default=None, help="report folder to keep (default: a temporary one)")
     args = ap.parse_args()
     weights = args.weights or os.environ.get("ZFNET_WEIGHTS") or str(ROOT.parent / "shared/weights/squeezenet1_1.pth")
-    data = Path(args.data or sample_dir())
+    data = Path(args.data or demo_dir())
     model = load_model("squeezenet1_1", weights)
     paths = list_images(data)[0]
     budgets = Budgets()

@@ -68,7 +68,7 @@ def _probe_args(p):
     from ..generalization.protocol import CLASSIFIERS
 
     _probe_common_args(p)
-    add_layers_arg(p, "layers to probe (default: the rectified conv outputs and the class scores)")
+    add_layers_arg(p, "layers to probe (default: the default feature layers, see `zfnet layers`, and the class scores)")
     add_list_arg(p, "--pool", choice(*POOLS), default="avg", metavar="POOL",
                  help="spatial pooling: max, avg, flatten, or several (default: %(default)s)")
     add_list_arg(p, "--classifiers", choice(*CLASSIFIERS), default="svm,softmax", metavar="CLASSIFIER",

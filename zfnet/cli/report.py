@@ -17,8 +17,8 @@ from .common import (
 
 def _report_args(p):
     add_model_args(p)
-    p.add_argument("--data", default=None, help="image folder; class subfolders add Table 7 (default: the sample "
-                   "photos shipped with zfnet)")
+    p.add_argument("--data", default=None, help="image folder; class subfolders add Table 7 (default: the 202 "
+                   "Caltech-101 demo photos shipped with zfnet)")
     p.add_argument("--out", type=out_dir, required=True,
                    help="report folder (index.html, report.json, one folder per step)")
     add_list_arg(p, "--only", default=None, help="steps to run (fig2_atlas, fig5_invariance, "
@@ -40,14 +40,14 @@ def _report_args(p):
 @command("report", "the whole paper (and the CS231n notes) on your model and data, as one offline HTML page")(
     _report_args)
 def _report(args):
-    from ..data.samples import sample_dir
+    from ..data.samples import demo_dir
     from ..report.budget import Budgets
     from ..report.run import report
 
     model = load_from_args(args)
     budgets = Budgets(atlas_layers=args.atlas_layers,
                       few_images=args.few_images, data_images=args.max_images, inversion_steps=args.inversion_steps)
-    state = report(model, args.data or str(sample_dir()), args.out, model_name=args.model, weights=args.weights,
+    state = report(model, args.data or str(demo_dir()), args.out, model_name=args.model, weights=args.weights,
                    budgets=budgets, only=args.only, force=args.force,
                    progress=not args.json)
     if args.json:

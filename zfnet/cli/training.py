@@ -162,7 +162,7 @@ def _evolution_args(p):
     p.add_argument("--out", type=out_dir, required=True, help="result folder (result.json, evolution_<layer>.png)")
     add_list_arg(p, "--epochs", nonnegative_int, default=None, help="epochs, `1,5,10` or `1 5 10` (default: 8 "
                  "spread over the run)")
-    add_layers_arg(p, "layers (default: all rectified conv layers)")
+    add_layers_arg(p, "layers (default: the default feature layers, marked * by `zfnet layers`)")
     p.add_argument("--units", type=positive_int, default=6,
                    help="units per layer, evenly spaced (default: %(default)s)")
     p.add_argument("--max-images", type=positive_int, default=None, help="use at most this many images of --data")

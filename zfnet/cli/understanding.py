@@ -31,7 +31,7 @@ def _atlas_args(p):
     add_model_args(p)
     p.add_argument("--data", default=None, help="image folder, class subfolders give labels (default: the 202 "
                    "Caltech-101 demo photos shipped with zfnet)")
-    add_layers_arg(p, "layers to mine (default: the rectified conv outputs; see `zfnet layers`)")
+    add_layers_arg(p, "layers to mine (default: the default feature layers, marked * by `zfnet layers`)")
     p.add_argument("--k", type=positive_int, default=9, help="top activations per feature map (default: %(default)s)")
     p.add_argument("--per-image", type=positive_int, default=1, help="locations one image may give a unit's top k "
                    "(default: %(default)s: k distinct images)")
