@@ -101,3 +101,12 @@ PROGRESS = re.compile(r"^zfnet: \S.* \d+(/\d+)? \S+( \(\d+%\))?, [\d.e+-]+ \S+/s
 def message_lines(err: str) -> list[str]:
     """The non-empty lines of stderr that are not progress lines."""
     return [ln for ln in err.splitlines() if ln.strip() and not PROGRESS.match(ln)]
+
+
+def channel_shuffle(x, groups):
+    """torchvision's ShuffleNetV2 channel shuffle (a 5-D view and a transpose): the op pattern the receptive
+    fields and the occlusion engine must both follow."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tiny import channel_shuffle
 
 from zfnet.engine.incremental import Incremental, Unsupported
 from zfnet.engine.occluder import occluded_outputs, occluder_boxes
@@ -307,13 +308,6 @@ def test_a_module_called_three_times_is_three_nodes(track):
         Incremental.build(m, x, ["1.relu#4"])
 
 
-def _channel_shuffle(x, groups):
-    batchsize, num_channels, height, width = x.size()
-    x = x.view(batchsize, groups, num_channels // groups, height, width)
-    x = torch.transpose(x, 1, 2).contiguous()
-    return x.view(batchsize, -1, height, width)
-
-
 class _ShuffleBlock(nn.Module):
     """ShuffleNetV2's unit (torchvision's code): chunk into two halves, one through a branch, concatenate,
     shuffle the channels through a 5-D view and a transpose."""
@@ -326,7 +320,7 @@ class _ShuffleBlock(nn.Module):
 
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=1)
-        return _channel_shuffle(torch.cat((x1, self.branch2(x2)), dim=1), 2)
+        return channel_shuffle(torch.cat((x1, self.branch2(x2)), dim=1), 2)
 
 
 def test_channel_splits_and_shuffles_are_followed():

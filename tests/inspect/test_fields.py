@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tiny import channel_shuffle
 
 from zfnet.inspect.layers import Field, layer_table, run_with_taps
 
@@ -100,13 +101,6 @@ class ConvNeXtish(nn.Module):
 
     def forward(self, x):
         return self.stage2(self.down(self.stage1(self.stem(x))))
-
-
-def channel_shuffle(x, groups):
-    b, c, h, w = x.size()
-    x = x.view(b, groups, c // groups, h, w)
-    x = torch.transpose(x, 1, 2).contiguous()
-    return x.view(b, -1, h, w)
 
 
 class ShuffleUnit(nn.Module):
