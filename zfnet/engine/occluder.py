@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
+from ..inspect.units import split_call
 from .graph import describe
 from .incremental import Incremental, Unsupported
 
@@ -228,10 +229,10 @@ def _naive(model, x, boxes, base, tracks, locations, layout=torch.contiguous_for
     if not tracks:
         return model(xb).reshape(len(boxes), -1), []
 
-    def reduce(t, at):
+    def reduce(t, at):  # copies: a later in-place op (F.relu(x, inplace=True), +=) must not change them
         if t.dim() <= 2:
-            return t.reshape(len(t), -1)
-        return t[:, :, at[0], at[1]] if at is not None else t.flatten(2).sum(-1)
+            return t.reshape(len(t), -1).clone()
+        return t[:, :, at[0], at[1]].clone() if at is not None else t.flatten(2).sum(-1)
 
     with module_calls(model, tracks, [lambda t, at=at: reduce(t, at) for at in locations]) as got:
         o = model(xb)
@@ -239,14 +240,6 @@ def _naive(model, x, boxes, base, tracks, locations, layout=torch.contiguous_for
     if missing:
         raise ZfnetError(f"layer {missing[0]} was not called in the forward pass")
     return o.reshape(len(boxes), -1), [got[n] for n in tracks]
-
-
-def split_call(name: str) -> tuple[str, int]:
-    """"layer4.1.relu#2" -> ("layer4.1.relu", 2): a module and which of its calls (1 = the first)."""
-    base, _, k = name.partition("#")
-    if k and not k.isdigit():
-        raise ZfnetError(f"bad layer name {name!r}: expected MODULE or MODULE#CALL (e.g. layer1.0.relu#2)")
-    return base, int(k) if k else 1
 
 
 @contextmanager

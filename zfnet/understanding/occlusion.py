@@ -24,8 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..core.errors import ZfnetError
-from ..engine.occluder import module_calls, occluded_outputs, occluder_boxes, split_call
+from ..engine.occluder import module_calls, occluded_outputs, occluder_boxes
 from ..inspect.layers import Unit, feature_layers, layer_table, parse_unit, penultimate_layer
+from ..inspect.units import split_call
 
 __all__ = ["OcclusionResult", "occlusion", "occluder_boxes", "occluded_outputs", "pixel_attribution",
            "baseline_image", "render_occlusion"]
