@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zfnet.engine.crop import plan_crop  # noqa: E402
-from zfnet.engine.project import project  # noqa: E402
+from zfnet.engine.project import _PIXEL_BUDGET, project  # noqa: E402
 from zfnet.engine.rules import projection_state  # noqa: E402
 from zfnet.inspect.layers import feature_layers, layer_table, run_with_taps  # noqa: E402
 from zfnet.models.networks import zfnet  # noqa: E402
@@ -75,12 +75,15 @@ def dense_limit(model, x, layer, count):
     with projection_state(model):
         plan = plan_crop(model, layer_table(model, (h, w)), layer)
         hc, wc = plan.input_shape or (h, w)
-        per_batch = max(1, 32 * 224 * 224 // (hc * wc))
+        per_batch = max(1, _PIXEL_BUDGET // (hc * wc))
         sync(x)
         t = time.perf_counter()
         for s in range(0, count, per_batch):
             rows = min(per_batch, count - s)
-            leaf = x[torch.arange(s, s + rows) % len(x), :, :hc, :wc].clone().requires_grad_(True)
+            leaf = x[torch.arange(s, s + rows) % len(x), :, :hc, :wc]
+            if leaf.device.type == "cpu":  # the engine's CPU layout
+                leaf = leaf.contiguous(memory_format=torch.channels_last)
+            leaf = leaf.clone().requires_grad_(True)
             with torch.enable_grad():
                 act = run_with_taps(model, leaf.clone(), [layer], detach=False)[layer]
                 torch.autograd.grad(act, leaf, torch.ones_like(act))

@@ -16,9 +16,10 @@ captum = pytest.importorskip("captum.attr")
 CAPTUM = {"deconv": "NeuronDeconvolution", "guided": "NeuronGuidedBackprop", "saliency": "NeuronGradient"}
 
 
-def captum_projection(ref_model, x, units, mode):
+def captum_projection(ref_model, x, units, mode, layout=torch.contiguous_format):
     """Captum's neuron attribution of units of one layer on a 1-image x, one row per unit, seeded as ours
-    (the unit's activation, or its whole map): the selector is sum(a * a.detach()), whose gradient seed is a."""
+    (the unit's activation, or its whole map): the selector is sum(a * a.detach()), whose gradient seed is a.
+    layout: the memory format of Captum's input."""
     units = [parse_unit(u) for u in units]
     layer = dict(ref_model.named_modules())[units[0].layer]
 
@@ -28,13 +29,16 @@ def captum_projection(ref_model, x, units, mode):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return getattr(captum, CAPTUM[mode])(ref_model, layer).attribute(x.expand(len(units), -1, -1, -1).clone(), sel)
+        return getattr(captum, CAPTUM[mode])(ref_model, layer).attribute(
+            x.expand(len(units), -1, -1, -1).contiguous(memory_format=layout), sel)
 
 
 def check_against_captum(model, twin, x, units, mode, double=True, **kw):
     """Ours on every unit at once vs Captum layer by layer; x is one image. In float64 by default: in
     float32 two pooled values within rounding of each other can pick different switches when the same conv
-    runs on a crop (another summation order), which is not what this test is about."""
+    runs on a crop (another summation order), which is not what this test is about. In float32 Captum gets
+    the engine's CPU layout (channels last), so both sum each convolution in the same order."""
+    layout = torch.channels_last if not double and x.device.type == "cpu" else torch.contiguous_format
     if double:
         model, twin, x = copy.deepcopy(model).double(), copy.deepcopy(twin).double(), x.double()
     ours = project(model, x, units, mode, **kw)[0]
@@ -42,7 +46,7 @@ def check_against_captum(model, twin, x, units, mode, double=True, **kw):
     for k, u in enumerate(units):
         by_layer.setdefault(parse_unit(u).layer, []).append(k)
     for ks in by_layer.values():
-        ref = captum_projection(twin, x, [units[k] for k in ks], mode)
+        ref = captum_projection(twin, x, [units[k] for k in ks], mode, layout)
         for k, r in zip(ks, ref):
             assert ours[k].abs().max() > 0, units[k]
             assert_close(ours[k], r, f"{mode} {units[k]}")
@@ -277,6 +281,35 @@ def test_pairs_equals_diagonal_of_all_pairs():
     assert paired.shape == (3, 3, 21, 19)
     for i in range(3):
         assert torch.allclose(paired[i], full[i, i], atol=1e-6)
+
+
+def test_channels_last_passes_and_a_model_that_refuses_them():
+    """The CPU passes run channels last; a model whose .view() needs default strides is run in the default
+    format instead, with the same numbers as the plain gradient."""
+    import zfnet.engine.passes as passes
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4 * 6 * 6, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(y.view(len(y), -1))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    seen = []
+    conv = nn.Conv2d(3, 4, 3)
+    conv.register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    project(nn.Sequential(conv, nn.ReLU()).eval(), x, ["1:0@2,2"], "saliency")
+    assert seen[-1] is True  # the projection pass (the earlier calls build the layer table)
+    model = Flat().eval()
+    ours = project(model, x, target=3, mode="saliency")
+    assert passes._LAYOUT[model] == torch.contiguous_format
+    leaf = x.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(model(leaf)[:, 3].sum(), leaf)
+    torch.testing.assert_close(ours, ref)
 
 
 def test_model_left_as_it_was_after_an_exception():

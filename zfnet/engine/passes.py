@@ -11,6 +11,7 @@ rounds do not run mostly empty (a forward costs about as much as a backward).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -168,17 +169,33 @@ def run_jobs(model: nn.Module, sources: torch.Tensor, jobs: list[Job], *, rules,
             _batch(model, sources, split[s:s + per_batch], rules, seed, score, emit, counts)
 
 
+# The memory format of the passes, per model. On the CPU, oneDNN runs convolutions and pooling 1.5-2.3x
+# faster forward and about 1.5x faster backward on channels-last tensors (SqueezeNet, 224 px); the values
+# are the same, only their order in memory differs, so a model that cannot take them (a .view() that needs
+# default strides) fails loudly and is then run in the default format.
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, torch.memory_format]" = weakref.WeakKeyDictionary()
+
+
 def _batch(model, sources, rows: list[list[Job]], rules, seed, score, emit, counts: Counts):
     """One forward over the rows (the first job of each says what the row is), then one backward per round."""
     plan = rows[0][0].plan
     src = [r[0].source for r in rows]
     x = take(sources, src, [r[0].place for r in rows]) if plan is not None else sources[src]  # a new tensor
-    leaf = x.detach().requires_grad_(True)
     all_jobs = [j for r in rows for j in r]
     layers = sorted({u.layer for j in all_jobs for u, _ in j.terms})
     output = any(j.target is not None for j in all_jobs)
-    # A clone keeps the leaf out of reach of a model whose first op is in place.
-    acts, out, rec = _forward(model, leaf.clone(), layers, output, rules)
+    layout = _LAYOUT.get(model, torch.channels_last if x.device.type == "cpu" and x.dim() == 4
+                         else torch.contiguous_format)
+    while True:
+        leaf = x.contiguous(memory_format=layout).detach().requires_grad_(True)
+        try:
+            # A clone keeps the leaf out of reach of a model whose first op is in place.
+            acts, out, rec = _forward(model, leaf.clone(), layers, output, rules)
+            break
+        except Exception:
+            if layout == torch.contiguous_format:
+                raise
+            layout = _LAYOUT[model] = torch.contiguous_format  # e.g. a .view() that needs default strides
     counts.forward_rows += len(rows)
     scores = _scores(out, rec, score, counts) if output else None
     units = {id(j): [plan.local(u, j.place) if plan is not None else u for u, _ in j.terms] for j in all_jobs}

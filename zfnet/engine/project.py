@@ -31,7 +31,8 @@ __all__ = ["project", "strongest_map", "ProjectionInfo", "MODES", "SEEDS", "SCOR
 
 SEEDS = ("activation", "one")
 SMOOTHING = ("smoothgrad", "smoothgrad_sq", "vargrad")
-_PIXEL_BUDGET = 32 * 224 * 224  # default batch: about 32 full ImageNet images' worth of input pixels
+# Default batch: 8 full ImageNet images' worth of pixels (32 ran 1.1-1.4x slower: larger buffers, page faults).
+_PIXEL_BUDGET = 8 * 224 * 224
 
 
 @dataclass
@@ -88,7 +89,7 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         backprop_norm: deconv mode passes LRN straight through (identity backward) as the paper's
             deconvnet does; True backpropagates it (what Captum computes). Guided and saliency always
             backpropagate it.
-        batch_size: rows per forward pass (default: ~32 full images' worth of pixels).
+        batch_size: rows per forward pass (default: ~8 full 224 px images' worth of pixels).
         crop: compute single activations on their dependency cone only, where the model allows it
             (exact; the metadata says where and why not). False computes everything on the whole image.
         seed: what the backward pass starts from at the unit: "activation" (the paper's: the activation
