@@ -283,6 +283,21 @@ def test_pairs_equals_diagonal_of_all_pairs():
         assert torch.allclose(paired[i], full[i, i], atol=1e-6)
 
 
+def test_rows_project_many_units_on_few_images():
+    """pairs=True with rows: units[i] on images[rows[i]], the numbers of the same pairs sent one image row
+    per unit, with fewer forward rows (the units of an image share its pass)."""
+    ours, _ = zoo_pair()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 21, 19)
+    units = ["relu3:1@1,2", "fire:3", "conv1:0@0,0", "relu3:0@2,1", "fire:1@1,1"]
+    rows = [1, 0, 1, 1, 0]
+    got, info = project(ours, x, units, pairs=True, rows=rows, crop=False, return_info=True)
+    ref, ref_info = project(ours, x[rows], units, pairs=True, crop=False, return_info=True)
+    assert got.shape == (5, 3, 21, 19)
+    torch.testing.assert_close(got, ref)
+    assert info.forward_rows < len(units)
+
+
 def test_channels_last_passes_and_a_model_that_refuses_them():
     """The CPU passes run channels last; a model whose .view() needs default strides is run in the default
     format instead, with the same numbers as the plain gradient."""
@@ -349,6 +364,12 @@ def test_bad_arguments():
         project(ours, x, ["relu3:99"])
     with pytest.raises(ZfnetError, match="one unit per image"):
         project(ours, x, ["relu3:0"], pairs=True)
+    with pytest.raises(ZfnetError, match="rows: image index 2 out of range"):
+        project(ours, x, ["relu3:0"], pairs=True, rows=[2])
+    with pytest.raises(ZfnetError, match="one image per unit"):
+        project(ours, x, ["relu3:0", "relu3:1"], pairs=True, rows=[0])
+    with pytest.raises(ZfnetError, match="needs pairs=True"):
+        project(ours, x, ["relu3:0"], rows=[0])
 
 
 def test_layer_table_unchanged_by_projection():

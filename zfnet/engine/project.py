@@ -73,7 +73,8 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
             batch_size: int | None = None, crop: bool = True, seed: str | torch.Tensor | None = None,
             target: int | Sequence[int] | torch.Tensor | None = None, score: str = "logit",
             aggregate: bool = False, smooth: str | None = None, samples: int = 50, sigma: float = 0.15,
-            noise_seed: int = 0, window: bool = False, return_info: bool = False):
+            noise_seed: int = 0, window: bool = False, rows: Sequence[int] | None = None,
+            return_info: bool = False):
     """Project units (or an output class score) back to input space.
 
     Args:
@@ -85,7 +86,9 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         mode: "deconv" (Zeiler & Fergus: ReLU backward = relu(grad_out)), "guided" (Springenberg et al.)
             or "saliency" (the plain gradient).
         pairs: False: every unit on every image -> (N, U, C, H, W). True: units[i] on images[i]
-            (len(units) == N) -> (N, C, H, W).
+            (len(units) == N) -> (N, C, H, W), or on images[rows[i]] with `rows`.
+        rows: with pairs=True, the image of each unit (U indices into images) -> (U, C, H, W): many
+            units on few images without a copy of each image per unit (their projections share passes).
         backprop_norm: deconv mode passes LRN straight through (identity backward) as the paper's
             deconvnet does; True backpropagates it (what Captum computes). Guided and saliency always
             backpropagate it.
@@ -138,12 +141,12 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         # model in train mode.
         table = layer_table(model, (h, w), in_channels=c)
         units = [parse_unit(u, table) for u in units] if units is not None else []
-        if pairs and len(units) != n:
-            raise ZfnetError(f"pairs=True needs one unit per image: got {len(units)} units for {n} images")
+        src = _pair_rows(rows, pairs, len(units), n)
         targets = _targets(target, n)
-        seed_name, values = _seed_values(seed, n, len(units), target is not None, pairs, aggregate)
+        seed_name, values = _seed_values(seed, len(src) if pairs else n, len(units), target is not None, pairs,
+                                         aggregate)
         info = ProjectionInfo(mode, seed_name, 0, targets, score if targets else None, aggregate=aggregate)
-        jobs, shape = _jobs(model, table, units, targets, values, n, pairs, aggregate, crop, info, c)
+        jobs, shape = _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c)
         info.projections = len(jobs)
         field = _window_field(table, units, window, target)
         out = images.new_zeros((len(jobs), c) + ((field.size_y, field.size_x) if field else (h, w)))
@@ -152,7 +155,7 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         run = dict(rules=rules, seed=seed_name, score=score, pixel_budget=_PIXEL_BUDGET, batch_size=batch_size,
                    counts=counts)
         if smooth is None:
-            if pairs:
+            if pairs and rows is None:
                 _dedupe(images, jobs)
             put = _placer(field)
             run_jobs(model, images, jobs, emit=lambda job, g, box: put(out[job.slot], job, g, box), **run)
@@ -161,9 +164,29 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
             _smoothed(model, images, jobs, out, smooth, int(samples), float(sigma), noise_seed, run, _placer(field))
     info.forward_rows, info.backward_rows, info.score_source = counts.forward_rows, counts.backward_rows, \
         counts.score_source
-    _report_zero_seeds(model, counts, jobs, info, units, targets, pairs, aggregate, n)
+    _report_zero_seeds(model, counts, jobs, info, units, targets, src, aggregate)
     out = out.view(*shape, *out.shape[1:])
     return (out, info) if return_info else out
+
+
+def _pair_rows(rows, pairs: bool, u: int, n: int) -> list[int] | None:
+    """The image of each unit with pairs=True (None without pairs)."""
+    if rows is None:
+        if pairs and u != n:
+            raise ZfnetError(f"pairs=True needs one unit per image: got {u} units for {n} images")
+        return list(range(n)) if pairs else None
+    if not pairs:
+        raise ZfnetError("rows gives the image of each unit: it needs pairs=True")
+    try:
+        src = [int(r) for r in rows]
+    except (TypeError, ValueError):
+        raise ZfnetError(f"rows must be image indices, one per unit; got {rows!r}") from None
+    if len(src) != u:
+        raise ZfnetError(f"rows must give one image per unit: got {len(src)} rows for {u} units")
+    bad = [r for r in src if not 0 <= r < n]
+    if bad:
+        raise ZfnetError(f"rows: image index {bad[0]} out of range 0..{n - 1}")
+    return src
 
 
 def _targets(target, n: int) -> list[int] | None:
@@ -199,7 +222,7 @@ def _seed_values(seed, n: int, u: int, target: bool, pairs: bool, aggregate: boo
     return "tensor", values.tolist()
 
 
-def _jobs(model, table, units, targets, values, n, pairs, aggregate, crop, info, channels):
+def _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, channels):
     """The jobs in output order, and the output's leading shape."""
     def plan(u: Unit):
         if not crop or u.y is None:
@@ -228,8 +251,8 @@ def _jobs(model, table, units, targets, values, n, pairs, aggregate, crop, info,
                                                        else values[i])
     if targets is not None:
         return [Job(i, i, (), targets[i], math.inf) for i in range(n)], (n,)
-    if pairs:
-        return [job(i, i, [(units[i], val(i, 0))]) for i in range(n)], (n,)
+    if src is not None:  # pairs
+        return [job(i, r, [(units[i], val(i, 0))]) for i, r in enumerate(src)], (len(src),)
     if aggregate:
         return [Job(i, i, tuple((u, val(i, k)) for k, u in enumerate(units)),
                     None, max(table[u.layer].index for u in units)) for i in range(n)], (n,)
@@ -324,13 +347,14 @@ def _smoothed(model, images, jobs, out, kind, samples, sigma, noise_seed, run, p
         out.copy_(m2 / samples if kind == "vargrad" else m2 / samples + mean * mean)
 
 
-def _report_zero_seeds(model, counts: Counts, jobs, info, units, targets, pairs, aggregate, n):
+def _report_zero_seeds(model, counts: Counts, jobs, info, units, targets, src, aggregate):
     if not counts.zero_seed:
         return
     labels = []
     for _, job in sorted({j.slot: j for j in counts.zero_seed}.items()):  # once each (SmoothGrad: per sample)
         what = f"class {job.target}" if job.target is not None else "+".join(str(u) for u, _ in job.terms)
-        image = job.slot if pairs or aggregate or targets is not None else job.slot // max(1, len(units))
+        image = src[job.slot] if src is not None else job.slot if aggregate or targets is not None \
+            else job.slot // max(1, len(units))
         labels.append(f"{what} on image {image}")
     info.zero_seed = labels
     if info.seed == "activation":

@@ -28,7 +28,9 @@ from ..present.tiles import TileLayout, image_tiles, paste_fields, projection_ti
 
 __all__ = ["Inputs", "layer_layout", "field_box", "unit_picture", "image_view", "project_units", "layer_panel"]
 
-CHUNK_PAIRS = 128  # (unit, image) projections per chunk: bounds the memory of a chunk's inputs and outputs
+# (unit, image) projections per chunk: bounds the memory of a chunk's inputs and outputs (512 whole 224 px
+# projections: 300 MB); the more units a chunk holds, the more of them share an image's forward pass.
+CHUNK_PAIRS = 512
 
 
 def unit_picture(layer: str, channel: int) -> str:
@@ -128,8 +130,10 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
     tiles: dict[tuple[int, int], np.ndarray] = {}
     ok = [p for p in pairs if inputs.get(p[0]) is not None]  # a file that changed since mining: no tile
     if ok:
-        x = torch.stack([inputs.get(p[0]) for p in ok]).to(device, dtype)
-        g = project(model, x, [p[3] for p in ok], mode, pairs=True).float().cpu()
+        images = sorted({p[0] for p in ok})  # each image once: its projections share the engine's passes
+        row = {i: r for r, i in enumerate(images)}
+        x = torch.stack([inputs.get(i) for i in images]).to(device, dtype)
+        g = project(model, x, [p[3] for p in ok], mode, pairs=True, rows=[row[p[0]] for p in ok]).float().cpu()
         del x
         geo = [field_box(info, u.y, u.x, (H, W), layout) for *_, u in ok]
         canvas, mask = paste_fields(g, list(range(len(ok))), [b for b, _ in geo], [o for _, o in geo], layout)
