@@ -15,7 +15,9 @@ def test_squeezenet_accuracy_on_imagenet_samples(squeezenet, imagenet_samples):
     result = predict(squeezenet, imagenet_samples, batch_size=50, progress=False)
     assert len(result.predictions) == 1000 and not result.skipped
     top1, top5 = topk_accuracy(result.predictions, list(range(1000)))  # file i has class i
-    assert abs(top1 - 64.5) <= 0.5 and abs(top5 - 85.5) <= 0.5, (top1, top5)
+    # ../shared/README.md: 65.0 % / 85.6 % with torchvision's recipe and rounding (650 and 856 of the 1000
+    # photos); a floored crop offset or another resize rounding moves them.
+    assert (top1, top5) == (65.0, 85.6), (top1, top5)
 
 
 def test_cli_json_on_shipped_samples(capsys):
