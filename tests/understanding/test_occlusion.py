@@ -353,3 +353,28 @@ def test_cli_refuses_a_bad_baseline_naming_the_option(capsys, bad):
     assert e.value.code == 2 and "argument --baseline" in capsys.readouterr().err
     args = build_parser().parse_args(["occlude", "x.jpg", "--out", "o", "--baseline", "blur:2", "--fill", "-1.5"])
     assert args.baseline == "blur:2" and args.fill == -1.5  # (where both are given, --fill NUMBER is used)
+
+
+@pytest.mark.parametrize("method", ["naive", "incremental"])
+def test_panel_layer_and_target_unit_on_the_same_layer(method):
+    """Panel (b) tracks a layer's channel totals and the target is one unit of the same layer: two values
+    of one module call, both right (full passes used to keep only the last one recorded for the layer)."""
+    torch.manual_seed(0)
+    m = _TwiceAct().double().eval()
+    x = torch.randn(1, 3, 24, 20, dtype=torch.float64)
+    r = occlusion(m, x, layer="act#2", target="act#2:1@3,2", size=(6, 4), stride=(3, 2), project_map=False,
+                  method=method)
+    channel = int(r.feature_map.split(":")[1])
+    boxes = [(y0, y1, x0, x1) for y0, y1 in r.rows for x0, x1 in r.cols]
+    act, unit = [], []
+    for y0, y1, x0, x1 in boxes:  # brute force: one occluded copy at a time, act#2 computed by hand
+        xo = x.clone()
+        xo[:, :, y0:y1, x0:x1] = 0
+        with torch.no_grad():
+            v = torch.relu(m.c2(torch.relu(m.c1(xo))))[0]
+        act.append(float(v[channel].sum()))
+        unit.append(float(v[1, 3, 2]))
+    shape = (len(r.rows), len(r.cols))
+    np.testing.assert_allclose(r.activity, np.reshape(act, shape), rtol=1e-10)
+    np.testing.assert_allclose(r.score, np.reshape(unit, shape), rtol=1e-10)
+    assert not np.allclose(r.activity, r.score)  # two different values of the one layer

@@ -236,16 +236,17 @@ def _naive(model, x, boxes, base, tracks, locations, layout=torch.contiguous_for
 
     with module_calls(model, tracks, [lambda t, at=at: reduce(t, at) for at in locations]) as got:
         o = model(xb)
-    missing = [n for n in tracks if n not in got]
+    missing = [n for t, n in enumerate(tracks) if t not in got]
     if missing:
         raise ZfnetError(f"layer {missing[0]} was not called in the forward pass")
-    return o.reshape(len(boxes), -1), [got[n] for n in tracks]
+    return o.reshape(len(boxes), -1), [got[t] for t in range(len(tracks))]
 
 
 @contextmanager
 def module_calls(model: nn.Module, names, reduces=None):
     """Record reduce(output) of the named module calls ("name" = its first call, "name#k" its k-th) during
-    one forward pass; hooks are removed on every exit. Yields dict name -> value."""
+    one forward pass; hooks are removed on every exit. Yields a dict: position in `names` -> value (by
+    position, not name: one call may be asked for twice, reduced two ways)."""
     modules = dict(model.named_modules())
     out, handles = {}, []
     wanted = collections.defaultdict(list)
@@ -253,16 +254,15 @@ def module_calls(model: nn.Module, names, reduces=None):
         base, k = split_call(name)
         if base not in modules or not base:
             raise ZfnetError(f"unknown layer {name!r}; valid layers: {', '.join(n for n in modules if n)}")
-        wanted[base].append((k, name, reduces[t] if reduces else (lambda v: v.detach().clone())))
+        wanted[base].append((k, t, reduces[t] if reduces else (lambda v: v.detach().clone())))
     seen = collections.Counter()
 
     def hook(base):
         def fn(module, args, output):
             seen[base] += 1
-            for k, name, reduce in wanted[base]:
+            for k, t, reduce in wanted[base]:
                 if k == seen[base]:
-                    t = output[0] if isinstance(output, (tuple, list)) else output
-                    out[name] = reduce(t)
+                    out[t] = reduce(output[0] if isinstance(output, (tuple, list)) else output)
         return fn
 
     try:

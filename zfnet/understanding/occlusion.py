@@ -230,8 +230,8 @@ def occlusion(model: nn.Module, image, *, label=None, target: str | Unit = "prob
     base, base_name = baseline_image(x, baseline)
     with torch.no_grad(), module_calls(model, tracks) as got:
         clean_out = _scores(model(x)).reshape(1, -1)
-    for t in tracks:
-        if t not in got:
+    for i, t in enumerate(tracks):
+        if i not in got:
             raise ZfnetError(f"layer {t} was not called in the forward pass (module {split_call(t)[0]} runs fewer "
                              f"times)")
     probs = clean_out.softmax(-1)[0]
@@ -241,13 +241,13 @@ def occlusion(model: nn.Module, image, *, label=None, target: str | Unit = "prob
         raise ZfnetError(f"label {label} out of range 0..{probs.numel() - 1}")
     feature_map, channel, loc, locations = None, 0, (0, 0), [None] * len(tracks)
     if layer is not None:  # panel (b): the strongest map of the layer on the clean image
-        fmap = got[layer][0]  # (C, h, w) or (C,)
+        fmap = got[0][0]  # (C, h, w) or (C,)
         flat = fmap.flatten(1) if fmap.dim() == 3 else fmap.reshape(-1, 1)
         channel = int(flat.max(1).values.argmax())
         loc = divmod(int(flat[channel].argmax()), fmap.shape[-1]) if fmap.dim() == 3 else (0, 0)
         feature_map, clean_activity = f"{layer}:{channel}", float(flat[channel].sum())
     if unit is not None:
-        umap = got[unit.layer][0]
+        umap = got[len(tracks) - 1][0]
         _check_unit(unit, umap)
         locations[-1] = (unit.y, unit.x) if unit.y is not None else None
     boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
