@@ -44,6 +44,14 @@ class _ResNetLike(nn.Module):
         return self.fc(torch.flatten(self.pool(self.layer1(self.stem(x))), 1))
 
 
+@pytest.fixture
+def always_build(monkeypatch):
+    """Auto builds the engine however few positions are left (tests of what it does once built)."""
+    import zfnet.engine.occluder as occ
+
+    monkeypatch.setattr(occ, "PAYBACK", 0.0)
+
+
 def _kinds(model, x, track=None):
     """Node kinds by fx node name and by layer name (a module call: "blocks.0", "blocks.0#2")."""
     engine = Incremental.build(model, x, [track] if track else [])
@@ -201,7 +209,7 @@ class _Aliased(nn.Module):
         return (z + y).mean((2, 3))
 
 
-def test_engine_declines_what_it_cannot_follow():
+def test_engine_declines_what_it_cannot_follow(always_build):
     torch.manual_seed(0)
     m = _Aliased()
     x = torch.randn(1, 3, 16, 16)
@@ -421,7 +429,7 @@ class _SqueezeExcite(nn.Module):
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
 
 
-def test_squeeze_excitation_runs_full_maps_and_auto_says_why():
+def test_squeeze_excitation_runs_full_maps_and_auto_says_why(always_build):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), _SqueezeExcite(4), _SqueezeExcite(4), nn.Conv2d(4, 32, 3),
                       nn.Conv2d(32, 32, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double().eval()
@@ -474,6 +482,8 @@ class _Clock:
             def perf_counter():
                 return clock.now
 
+            process_time = perf_counter
+
         monkeypatch.setattr(occ, "time", _Time)
         run, naive = Incremental.run, occ._naive
 
@@ -489,19 +499,21 @@ class _Clock:
         monkeypatch.setattr(occ, "_naive", timed_naive)
 
 
-@pytest.mark.parametrize("incremental,expect", [(1.0, "incremental"), (3.0, "naive")])
+@pytest.mark.parametrize("incremental,expect", [(1.0, "incremental+naive"), (3.0, "naive")])
 def test_auto_keeps_the_method_measured_faster(monkeypatch, incremental, expect):
-    """The probe times a few positions both ways and keeps the faster; its results are not thrown away."""
+    """The probe times a few positions both ways and keeps the faster; the full passes' results on the probe
+    are kept."""
     torch.manual_seed(0)
     m = _ResNetLike().eval()
     x = torch.randn(1, 3, 64, 64)
     _Clock(monkeypatch, {"incremental": incremental, "naive": 2.0})
     ran, boxes = _occlude(m, x, 13, 9)
-    assert ran.method == expect and ran.positions[expect] == len(boxes)
+    engine = len(boxes) - 8 if expect != "naive" else 0
+    assert ran.method == expect and ran.positions == {"incremental": engine, "naive": len(boxes) - engine}
     assert f"{2.0 / incremental:.2f}x the speed of full passes on 8 probe positions" in ran.reason
 
 
-def test_auto_refuses_an_engine_that_disagrees_with_full_passes(monkeypatch):
+def test_auto_refuses_an_engine_that_disagrees_with_full_passes(monkeypatch, always_build):
     torch.manual_seed(0)
     m = _ResNetLike().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -515,4 +527,4 @@ def test_auto_refuses_an_engine_that_disagrees_with_full_passes(monkeypatch):
     slow, _ = _occlude(m, x, 13, 9, method="naive")
     ran, boxes = _occlude(m, x, 13, 9)
     assert ran.method == "naive" and "differed from full passes" in ran.reason
-    assert torch.equal(ran.outputs, slow.outputs)
+    assert torch.allclose(ran.outputs, slow.outputs, rtol=1e-6, atol=1e-6)  # the engine's answers are not used

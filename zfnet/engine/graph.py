@@ -1,10 +1,14 @@
 """The graph of op calls of a model, as incremental occlusion follows it: torch.fx's trace with every module
 call recorded by its layer name (a module called twice is two calls, `name` and `name#2`, as in the layer
 table), modules fx cannot trace kept as opaque calls, and one node run at a time.
+
+A trace is kept per model (weakly: it goes with the model) for as long as the model's structure is the one
+traced, so a batch of images, or repeated calls, trace once.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -13,7 +17,8 @@ import torch.nn as nn
 
 from ..inspect.units import call_name
 
-__all__ = ["Unsupported", "Traced", "trace", "call", "maybe_inplace", "standard", "describe"]
+__all__ = ["Unsupported", "Traced", "trace", "is_cached", "forget", "structure", "call", "maybe_inplace", "standard",
+           "describe"]
 
 
 class Unsupported(Exception):
@@ -71,8 +76,46 @@ class _Tracer(fx.Tracer):
         return out
 
 
-def trace(model: nn.Module) -> Traced:
-    """The model's graph down to torch.nn's own modules (and the opaque modules fx cannot trace)."""
+_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (its structure, Traced)
+
+
+def structure(model: nn.Module) -> tuple:
+    """What a trace of the model depends on beyond its code: each module's name, identity and type, its
+    training flag (fx bakes `self.training` in) and any forward set on the instance. A change of any of
+    these (a submodule replaced, model.eval()) makes an earlier trace stale."""
+    return tuple((name, id(m), type(m), m.training, id(vars(m).get("forward"))) for name, m in model.named_modules())
+
+
+def trace(model: nn.Module, fresh: bool = False) -> Traced:
+    """The model's graph down to torch.nn's own modules (and the opaque modules fx cannot trace). The same
+    Traced is returned again while structure(model) is unchanged (not with fresh=True); the caller checks
+    it by replaying it (what a trace cannot see, e.g. a plain attribute its forward reads, is not in the
+    key). A graph is symbolic: it serves every input size."""
+    key = structure(model)
+    kept = None if fresh else _TRACES.get(model)
+    if kept is None or kept[0] != key:
+        try:
+            kept = key, _trace(model)
+        except Unsupported as e:  # kept too: a model fx cannot trace is not traced again for each image
+            kept = key, e
+        _TRACES[model] = kept
+    if isinstance(kept[1], Unsupported):
+        raise Unsupported(str(kept[1]))
+    return kept[1]
+
+
+def is_cached(model: nn.Module) -> bool:
+    """Whether trace(model) would return a kept trace."""
+    kept = _TRACES.get(model)
+    return kept is not None and kept[0] == structure(model)
+
+
+def forget(model: nn.Module):
+    """Drop the kept trace of the model."""
+    _TRACES.pop(model, None)
+
+
+def _trace(model: nn.Module) -> Traced:
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)

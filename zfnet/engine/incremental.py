@@ -35,13 +35,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .graph import Unsupported, call, describe, maybe_inplace, standard, trace
+from .graph import Unsupported, call, describe, is_cached, maybe_inplace, standard, trace
 from .locality import classify
 from .windows import MapBuffer, from_op, to_op
 
 __all__ = ["Incremental", "Unsupported"]
 
 THRESHOLD = 0.85  # a window covering this much of its map is cheaper computed on the full map
+
+
+class _Replay(Unsupported):
+    """The graph, replayed on the image, fails or differs from the model (a kept trace may be stale)."""
 
 
 @dataclass
@@ -112,14 +116,24 @@ class Incremental:
             m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))]
         if train:  # batch statistics and dropout masks tie each position to the rest of its batch
             raise Unsupported(f"{train[0]} is in training mode (call model.eval())")
-        traced = trace(model)
+        kept = is_cached(model)
+        try:
+            return cls._follow(model, x, trace(model), tracks, baseline, reference)
+        except _Replay:
+            if not kept:
+                raise
+        # A kept trace can be stale in ways its key cannot see (an attribute the forward reads): trace again.
+        return cls._follow(model, x, trace(model, fresh=True), tracks, baseline, reference)
+
+    @classmethod
+    def _follow(cls, model, x, traced, tracks, baseline, reference):
         try:
             with torch.no_grad():
                 return cls(model, x, traced, list(tracks), baseline, reference)
         except Unsupported:
             raise
         except Exception as e:  # anything the interpretation cannot follow: full forward passes are always right
-            raise Unsupported(f"{describe(e)}, while following the graph") from None
+            raise _Replay(f"{describe(e)}, while following the graph") from None
 
     def __init__(self, model, x, traced, tracks, baseline, reference=None):
         nodes = list(traced.graph.nodes)
@@ -160,7 +174,7 @@ class Incremental:
         got = self.clean[self.output]
         if not isinstance(ref, torch.Tensor) or got.shape != ref.shape or not torch.allclose(
                 got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max())):
-            raise Unsupported("its graph, replayed op by op, does not reproduce the model's output")
+            raise _Replay("its graph, replayed op by op, does not reproduce the model's output")
         self.constants = {k: v for k, v in env.items() if k not in index and k is not nodes[0]}
         for n in self.nodes:
             n.many_users = sum(u in index for u in n.fx.users) > 1

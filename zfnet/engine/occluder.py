@@ -11,6 +11,7 @@ import collections
 import math
 import sys
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,14 +21,30 @@ import torch.nn as nn
 from ..core.errors import ZfnetError
 from ..core.progress import progress_bar
 from ..inspect.units import split_call
-from .graph import describe
+from . import graph
+from .graph import describe, is_cached, structure, trace
 from .incremental import Incremental, Unsupported
 
-__all__ = ["Occluded", "occluder_boxes", "occluded_outputs", "module_calls"]
+__all__ = ["Occluded", "occluder_boxes", "occluded_outputs", "module_calls", "forget"]
 
 METHODS = ("auto", "incremental", "naive")
 PROBE = 8  # positions run both ways to choose the method
 MAX_FRACTION = 0.9  # an incremental pass estimated to do more of the full passes' work cannot win
+# What building the engine costs, measured (process time, one thread, under load) on the 20 zoo models,
+# SqueezeNet 1.1 and ZFNet at 128 and 224 px: the fx trace 0.2-0.75 ms per module (0.03 s on ResNet-50,
+# 0.12 s on DenseNet-121, 0.24 s on timm's EfficientNet-B0); the replay of the graph on the clean image
+# 1.0-1.9x one forward pass of the image plus up to 0.5 ms per module (RegNetX-002: 600 small ops,
+# 0.17 s for a 0.026 s forward). That is 1.3-18x the time of one position of full passes. The estimate
+# below is at or above every one of these: 2 forward passes + 0.5 ms per module, + 0.75 ms per module
+# where the model has no kept trace; a forward pass of one image is at most 4x the time per position of
+# a batch of full passes (1.1-3.7x measured), which bounds the estimate where the one forward timed was
+# a first, cold call.
+BUILD_FORWARDS, BUILD_MODULE_S, TRACE_MODULE_S, FORWARD_PER_POSITION = 2.0, 0.5e-3, 0.75e-3, 4.0
+# The engine is built only where the full passes left would take PAYBACK expected builds: it then pays
+# for itself from 1.5x the speed of full passes, and where it turns out slower (the probe says so) at
+# most a third of the job is lost. After one image of a model its build time and speed are known and
+# decide the next images exactly.
+PAYBACK = 3.0
 
 
 def occluder_boxes(n: int, size: int, stride: int, what: str = "occluder") -> list[tuple[int, int]]:
@@ -61,16 +78,19 @@ class Occluded:
 
 def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, baseline: torch.Tensor | None = None,
                      tracks=(), locations=None, method: str = "auto", batch_size: int = 64,
-                     progress: bool = False, report: bool = True) -> Occluded:
+                     progress: bool = False, report: bool = True, reference: torch.Tensor | None = None) -> Occluded:
     """Model outputs for the image x (1, C, H, W) with each box (y0, y1, x0, x1) set to `baseline`.
 
     Args:
         baseline: (1, C, H, W) (or broadcastable) values of occluded pixels; default zeros.
         tracks: layer names (module calls, "layer4.1.relu#2") whose per-channel totals are also returned;
             locations[t] = (y, x): that layer's values at one position instead.
-        method: "auto" (the faster of the two, measured on a probe), "incremental" (the exact incremental
-            engine wherever it can follow the model) or "naive" (a full forward pass per position).
+        method: "auto" (full passes on a probe of a few positions; then, where the rest is long enough to
+            pay for building it, the exact incremental engine if it is measured faster on the same probe),
+            "incremental" (the engine wherever it can follow the model) or "naive" (a full forward pass
+            per position).
         report: say on stderr which method ran and why.
+        reference: model(x), where the caller has it.
     """
     if method not in METHODS:
         raise ZfnetError(f"unknown occlusion method {method!r}; use one of {', '.join(METHODS)}")
@@ -81,6 +101,7 @@ def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, baseline: torc
     outs, trk = [None] * P, [[None] * P for _ in tracks]
     done = {"incremental": 0, "naive": 0}
     bar = progress_bar(total=P, desc="occlusion", unit="pos", enabled=progress)
+    memory = _memory(model, x, tracks, boxes, batch_size)
 
     def keep(chunk, o, ts, how):
         for k, i in enumerate(chunk):
@@ -91,40 +112,56 @@ def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, baseline: torc
         bar.update(len(chunk))
 
     def naive(chunk):
-        nonlocal layout
+        """Full passes; the first decides their memory layout: channels last where a clean copy of x in the
+        same batch gives the model's own answer (PyTorch's layout for CPU convnets: 1.0-1.7x faster on
+        every model of the zoo but ConvNeXt, which is even), else the default one."""
+        chosen = memory.get("layout")
+        bx = [boxes[i] for i in chunk]
+        if chosen is None and not _may_use_channels_last(model, x, ref):
+            chosen = memory["layout"] = torch.contiguous_format
+        if chosen is None:
+            try:
+                o, ts = _naive(model, x, bx + [(0, 0, 0, 0)], base, tracks, locations, torch.channels_last)
+                rows[0] += len(bx) + 1
+                if _agrees(o[-1:], ref):
+                    memory["layout"] = torch.channels_last
+                    return o[:-1], [t[:-1] for t in ts]
+            except Exception:  # e.g. a .view() that needs default strides
+                pass
+            chosen = memory["layout"] = torch.contiguous_format
+        rows[0] += len(bx)
         try:
-            return _naive(model, x, [boxes[i] for i in chunk], base, tracks, locations, layout)
+            return _naive(model, x, bx, base, tracks, locations, chosen)
         except Exception:
-            if layout == torch.contiguous_format:
+            if chosen == torch.contiguous_format:
                 raise
-            layout = torch.contiguous_format  # the model refused channels last after all
-            return _naive(model, x, [boxes[i] for i in chunk], base, tracks, locations, layout)
+            memory["layout"] = torch.contiguous_format  # the model refused channels last after all
+            return _naive(model, x, bx, base, tracks, locations, torch.contiguous_format)
 
-    def incremental(chunk):
-        return engine.run([boxes[i] for i in chunk], locations)
+    def incremental(chunk, built=None):
+        return (built or engine).run([boxes[i] for i in chunk], locations)
 
-    engine, reason = None, "requested"
+    engine, reason, rows = None, "requested", [0]
     with torch.no_grad():
-        ref = model(x)
-        layout = _full_pass_layout(model, x, ref)
-        if method != "naive":
+        clock = _clock(x)
+        t0 = clock()
+        ref = model(x) if reference is None else reference
+        t_ref = clock() - t0 if reference is None else None
+        todo, ext = list(range(P)), None
+        if method == "incremental":
             try:
                 engine = Incremental.build(model, x, tracks, base, ref)
+                ext, inc, full = engine.plan(torch.tensor(boxes, dtype=torch.long, device=x.device).view(-1, 4))
+                reason = f"requested; estimated {float(inc.mean()) / max(full, 1.0):.0%} of the work of full passes"
             except Unsupported as e:
                 reason = f"the incremental engine cannot follow this model: {e}"
+        elif method == "auto":
+            engine, reason, todo, ext = _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
+                                              keep, rows, min(PROBE, batch_size), clock)
         if engine is not None:
-            ext, inc, full = engine.plan(torch.tensor(boxes, dtype=torch.long, device=x.device).view(-1, 4))
-            fraction = float(inc.mean()) / max(full, 1.0)
-            batches = _batches(ext.tolist(), batch_size)
-            reason = f"requested; estimated {fraction:.0%} of the work of full passes"
-            if method == "auto" and fraction > MAX_FRACTION:
-                engine, reason = None, (f"an exact incremental pass would still do {fraction:.0%} of the work of "
-                                        f"full passes (an occluder changes every position early in this network)")
-            elif method == "auto":
-                engine, reason, batches = _probe(engine, batches, ext.tolist(), incremental, naive, keep, x,
-                                                 fraction)
+            batches = [[todo[i] for i in b] for b in _batches(ext.tolist(), batch_size)]
         else:
-            batches = [list(range(b, min(b + batch_size, P))) for b in range(0, P, batch_size)]
+            batches = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
         for chunk in batches:
             if engine is not None:
                 try:
@@ -138,46 +175,95 @@ def occluded_outputs(model: nn.Module, x: torch.Tensor, boxes, *, baseline: torc
     bar.close()
     used = "+".join(k for k in ("incremental", "naive") if done[k]) or "naive"
     if report:
-        name = {"incremental": "exact incremental inference", "naive": "full forward passes"}.get(used, used)
+        names = {"incremental": "exact incremental inference", "naive": "full forward passes"}
+        name = names.get(used) or " and ".join(f"{names[k]} ({done[k]} positions)" for k in names)
         print(f"zfnet: occlusion by {name}: {reason}", file=sys.stderr)
     return Occluded(torch.stack(outs), [torch.stack(t) for t in trk], used, reason, done)
 
 
-def _probe(engine, batches, ext, incremental, naive, keep, x, fraction):
-    """Run a few positions both ways: check that they agree, and keep the faster method for the rest.
-    Returns (engine or None, reason, the batches still to run)."""
-    areas = [sum(ext[i][0] * ext[i][1] for i in b) / len(b) for b in batches]
-    mean = sum(a * len(b) for a, b in zip(areas, batches)) / sum(len(b) for b in batches)
-    pick = min(range(len(batches)), key=lambda i: abs(areas[i] - mean))  # a typical batch
-    first = batches[pick][:PROBE]
-    rest = [b for i, b in enumerate(batches) if i != pick] + ([batches[pick][PROBE:]] if batches[pick][PROBE:] else [])
+def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive, keep, rows, n_probe, clock):
+    """Full passes on a probe of a few positions (kept); then the engine, if the rest can pay for its build
+    and it is measured faster than full passes on the same probe, with the same answers.
+    Returns (engine or None, reason, the positions still to compute, their extents in the engine's plan)."""
+    P = len(boxes)
+    n = min(n_probe, P)
+    probe = [round(i * (P - 1) / max(n - 1, 1)) for i in range(n)]  # spread over the image, all distinct
+    rest = sorted(set(range(P)) - set(probe))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def timed(fn):
         sync()
-        t0 = time.perf_counter()
-        out = fn(first)
+        t0, r0 = clock(), rows[0]
+        out = fn(probe)
         sync()
-        return out, (time.perf_counter() - t0) / len(first)
+        return out, (clock() - t0) / max(rows[0] - r0, len(probe))
 
-    try:
-        (o_i, tr_i), t_inc = timed(incremental)
-    except Exception as e:
-        keep(first, *naive(first), "naive")
-        return None, f"the incremental engine failed on its first positions ({describe(e)})", rest
     (o_n, tr_n), t_full = timed(naive)
+    keep(probe, o_n, tr_n, "naive")
+    if not rest:
+        return None, f"too few positions for the engine to pay: all {P} were computed by the full passes of " \
+                     f"the probe", rest, None
+    left = len(rest) * t_full
+    known, speed = memory.get("build"), memory.get("speed")
+    if isinstance(known, str):  # an earlier image found the engine unusable here
+        return None, f"{known} (on an earlier image of this model)", rest, None
+    if known is not None:
+        build, how = known, "measured on an earlier image"
+    else:
+        forward = FORWARD_PER_POSITION * t_full if t_ref is None else min(t_ref, FORWARD_PER_POSITION * t_full)
+        modules = sum(1 for _ in model.modules())
+        build = BUILD_FORWARDS * forward + modules * (BUILD_MODULE_S + (0 if is_cached(model) else TRACE_MODULE_S))
+        how = "estimated"
+    if speed is not None and left * (1 - 1 / max(speed, 1e-9)) < build:
+        return None, (f"the engine would not pay: it ran at {speed:.2f}x the speed of full passes on an earlier "
+                      f"image of this model; the {len(rest)} full passes left take about {left:.2g} s, a build "
+                      f"{build:.2g} s"), rest, None
+    if speed is None and left < PAYBACK * build:
+        return None, (f"too few positions for the engine to pay: the {len(rest)} full passes left take about "
+                      f"{left:.2g} s, building the engine about {build:.2g} s ({how}; it is built where they "
+                      f"take {PAYBACK:g}x that)"), rest, None
+    try:
+        trace(model)  # timed apart: the next image finds it kept
+    except Unsupported:
+        pass  # the build says why
+    t0 = clock()
+    try:
+        engine = Incremental.build(model, x, tracks, base, ref)
+    except Unsupported as e:
+        memory["build"] = reason = f"the incremental engine cannot follow this model: {e}"
+        return None, reason, rest, None
+    memory["build"] = clock() - t0
+    ext, inc, full = engine.plan(torch.tensor([boxes[i] for i in rest], dtype=torch.long,
+                                              device=x.device).view(-1, 4))
+    fraction = float(inc.mean()) / max(full, 1.0)
+    if fraction > MAX_FRACTION:
+        memory["build"] = reason = (f"an exact incremental pass would still do {fraction:.0%} of the work of full "
+                                    f"passes (an occluder changes every position early in this network)")
+        return None, reason, rest, None
+    try:
+        (o_i, tr_i), t_inc = timed(lambda chunk: incremental(chunk, engine))
+    except Exception as e:
+        return None, f"the incremental engine failed on its first positions ({describe(e)})", rest, None
     diff = max(_relative(a, b) for a, b in zip([o_i, *tr_i], [o_n, *tr_n]))
     if diff > 1e-3:
-        keep(first, o_n, tr_n, "naive")
-        return None, f"the incremental engine differed from full passes by {diff:.1e} (relative) on a probe", rest
-    speed = t_full / max(t_inc, 1e-12)
-    probe = (f"{speed:.2f}x the speed of full passes on {len(first)} probe positions; estimated {fraction:.0%} of "
-             f"their work")
+        memory["build"] = reason = f"the incremental engine differed from full passes by {diff:.1e} (relative) " \
+                                   f"on a probe"
+        return None, reason, rest, None
+    memory["speed"] = speed = t_full / max(t_inc, 1e-12)
+    probe_says = (f"{speed:.2f}x the speed of full passes on {len(probe)} probe positions; estimated {fraction:.0%} "
+                  f"of their work")
     if speed >= 1.0:
-        keep(first, o_i, tr_i, "incremental")
-        return engine, probe, rest
-    keep(first, o_n, tr_n, "naive")
-    return None, f"the incremental engine ran at {probe}", rest
+        return engine, probe_says, rest, ext
+    return None, f"the incremental engine ran at {probe_says}", rest, None
+
+
+def _clock(x):
+    """The clock the probe compares the methods by: with one CPU thread, this process's CPU time (the work
+    done, whatever the neighbours on a shared machine do: wall time there misjudged the faster method by
+    up to 1.7x in a zoo run); else wall time (CPU time would count threads that spin while waiting)."""
+    if x.device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
 
 
 def _relative(a, b):
@@ -205,20 +291,52 @@ def _batches(extents: list[list[int]], batch_size: int) -> list[list[int]]:
     return [cell[s:s + batch_size] for _, cell in sorted(cells.items()) for s in range(0, len(cell), batch_size)]
 
 
-def _full_pass_layout(model, x, ref):
-    """The memory format of full forward passes: channels last for a convnet on the CPU where the model,
-    given channels-last images, answers the same (PyTorch's layout for CPU convnets: 1.0-1.7x faster on every
-    model of the zoo but ConvNeXt, which is even), else the default one."""
-    if x.dim() != 4 or x.device.type != "cpu" or not isinstance(ref, torch.Tensor) or not any(
-            isinstance(m, nn.Conv2d) for m in model.modules()):
-        return torch.contiguous_format
-    try:  # a batch of two: with one image, more layouts look contiguous than in the batches that follow
-        got = model(x.expand(2, *x.shape[1:]).contiguous(memory_format=torch.channels_last))
-    except Exception:  # e.g. a .view() that needs default strides
-        return torch.contiguous_format
-    same = isinstance(got, torch.Tensor) and got.shape[1:] == ref.shape[1:] and len(got) == 2 and torch.allclose(
-        got, ref.expand_as(got), rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
-    return torch.channels_last if same else torch.contiguous_format
+def _may_use_channels_last(model, x, ref) -> bool:
+    """Channels last is tried for full passes of a convnet on the CPU only."""
+    return x.dim() == 4 and x.device.type == "cpu" and isinstance(ref, torch.Tensor) and any(
+        isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def _agrees(got, ref) -> bool:
+    return isinstance(got, torch.Tensor) and got.shape == ref.reshape(1, -1).shape and torch.allclose(
+        got, ref.reshape(1, -1), rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (structure, {key: what was learnt})
+
+
+def forget(model: nn.Module):
+    """Forget what earlier calls learnt about the model (its trace, full-pass layout, build time and the
+    engine's speed): the next call decides as on a first image."""
+    _SEEN.pop(model, None)
+    graph.forget(model)
+
+
+def _memory(model, x, tracks, boxes, batch_size) -> _Memory:
+    """What earlier calls learnt about this model on inputs like x: the memory layout of its full passes,
+    the time a build of the engine takes (or why the engine is not used), and its speed against full
+    passes for these boxes. Forgotten with the model, or when its structure changes."""
+    key = structure(model)
+    kept = _SEEN.get(model)
+    if kept is None or kept[0] != key:
+        kept = _SEEN[model] = key, {}
+    shape = (tuple(x.shape), x.dtype, str(x.device))
+    return _Memory(kept[1], {"layout": (shape,), "build": (shape, tuple(tracks)),
+                             "speed": (shape, tuple(tracks), hash(tuple(boxes)), batch_size)})
+
+
+class _Memory:
+    """A view of one model's memory: "layout" per input, "build" per input and tracked layers, "speed" also
+    per boxes and batch size."""
+
+    def __init__(self, store: dict, keys: dict):
+        self.store, self.keys = store, keys
+
+    def get(self, name):
+        return self.store.get((name, *self.keys[name]))
+
+    def __setitem__(self, name, value):
+        self.store[(name, *self.keys[name])] = value
 
 
 def _naive(model, x, boxes, base, tracks, locations, layout=torch.contiguous_format):

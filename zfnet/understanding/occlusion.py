@@ -229,7 +229,8 @@ def occlusion(model: nn.Module, image, *, label=None, target: str | Unit = "prob
     tracks = [t for t in (layer, unit and unit.layer) if t]
     base, base_name = baseline_image(x, baseline)
     with torch.no_grad(), module_calls(model, tracks) as got:
-        clean_out = _scores(model(x)).reshape(1, -1)
+        raw = model(x)
+    clean_out = _scores(raw).reshape(1, -1)
     for i, t in enumerate(tracks):
         if i not in got:
             raise ZfnetError(f"layer {t} was not called in the forward pass (module {split_call(t)[0]} runs fewer "
@@ -252,7 +253,7 @@ def occlusion(model: nn.Module, image, *, label=None, target: str | Unit = "prob
         locations[-1] = (unit.y, unit.x) if unit.y is not None else None
     boxes = [(y0, y1, x0, x1) for y0, y1 in rows for x0, x1 in cols]
     res = occluded_outputs(model, x, boxes, baseline=base, tracks=tracks, locations=locations, method=method,
-                           batch_size=batch_size, progress=progress)
+                           batch_size=batch_size, progress=progress, reference=raw)
     R, C = len(rows), len(cols)
     out = _scores(res.outputs)
     prob = out.softmax(-1)[:, label]
