@@ -510,7 +510,7 @@ def test_auto_keeps_the_method_measured_faster(monkeypatch, incremental, expect)
     ran, boxes = _occlude(m, x, 13, 9)
     engine = len(boxes) - 8 if expect != "naive" else 0
     assert ran.method == expect and ran.positions == {"incremental": engine, "naive": len(boxes) - engine}
-    assert f"{2.0 / incremental:.2f}x the speed of full passes on 8 probe positions" in ran.reason
+    assert f"{2.0 / incremental:.2f}x the speed of full passes in batches of 8 (timed on 8 probe" in ran.reason
 
 
 def test_auto_refuses_an_engine_that_disagrees_with_full_passes(monkeypatch, always_build):

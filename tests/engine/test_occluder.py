@@ -34,7 +34,8 @@ class _Net(nn.Module):
 def clock(monkeypatch):
     """occ.time.perf_counter -> a stand-in clock that the model's own forward advances by COST per image and
     the engine by state["engine"] per position; counts of engine builds and fx traces."""
-    state = {"now": 0.0, "builds": 0, "traces": 0, "engine": COST / 2}  # the engine's seconds per position
+    # the engine's seconds per position and per batch
+    state = {"now": 0.0, "builds": 0, "traces": 0, "engine": COST / 2, "engine_batch": 0.0}
 
     class _Time:
         @staticmethod
@@ -59,7 +60,7 @@ def clock(monkeypatch):
     run = Incremental.run
 
     def engine_run(engine, boxes, locations=None):
-        state["now"] += state["engine"] * len(boxes)
+        state["now"] += state["engine_batch"] + state["engine"] * len(boxes)
         return run(engine, boxes, locations)
 
     monkeypatch.setattr(Incremental, "run", engine_run)
@@ -119,7 +120,7 @@ def test_a_long_job_builds_the_engine_where_it_wins(clock):
     ran = occluded_outputs(m, x, boxes, report=False)
     assert clock["builds"] == 1 and clock["traces"] == 1
     assert ran.method == "incremental+naive" and ran.positions == {"incremental": 25 - PROBE, "naive": PROBE}
-    assert ran.reason.startswith("2.00x the speed of full passes on 8 probe positions")
+    assert ran.reason.startswith("2.00x the speed of full passes in batches of 17 (timed on 8 probe positions)")
     assert torch.allclose(ran.outputs, _naive(m, x, boxes), rtol=1e-10)
 
 
@@ -138,6 +139,22 @@ def test_a_second_image_reuses_the_trace_and_what_the_first_measured(clock):
     again = occluded_outputs(m, _image(1), boxes, method="incremental", report=False)
     assert clock["traces"] == 2 and again.method == "incremental"
     assert torch.allclose(again.outputs, _naive(m, _image(1), boxes), rtol=1e-10)
+
+
+def test_the_engines_cost_per_batch_is_spread_over_the_batches_it_will_run(clock):
+    """The engine pays a fixed cost per batch (a Python call per graph node): 4 s + 0.25 s per position here,
+    1.25 s per position over the probe's 8 (slower than full passes), 4 / 41 + 0.25 = 0.35 s in the one
+    batch of 41 the rest runs in (2.88x faster). The probe times one position, then seven, and predicts."""
+    m = _model(clock)
+    clock.update(engine=COST / 4, engine_batch=4 * COST)
+    ran = occluded_outputs(m, _image(), _boxes(7, 7), report=False)
+    assert ran.method == "incremental+naive" and ran.positions == {"incremental": 41, "naive": PROBE}
+    assert ran.reason.startswith("2.88x the speed of full passes in batches of 41 (timed on 8 probe positions)")
+    clock.update(engine_batch=12 * COST)  # 12 / 41 + 0.25 = 0.54 s: still faster
+    assert occluded_outputs(m, _image(2), _boxes(7, 7), report=False).reason.startswith("1.84x")
+    clock.update(engine_batch=40 * COST)  # 40 / 41 + 0.25 = 1.23 s: slower
+    slower = occluded_outputs(m, _image(3), _boxes(7, 7), report=False)
+    assert slower.method == "naive" and slower.reason.startswith("the incremental engine ran at 0.82x")
 
 
 def test_an_engine_measured_slower_is_not_built_again_for_the_next_image(clock):
