@@ -438,6 +438,8 @@ def test_squeeze_excitation_runs_full_maps_and_auto_says_why(always_build):
     assert kinds["1.conv"] == "window" and kinds["mul"] == "global" and kinds["2.conv"] == "global"
     ran = _same_as_naive(m, x, 8, 6, rtol=1e-10, method="auto")
     assert ran.method == "naive" and "would still do" in ran.reason
+    again = _same_as_naive(m, x, 8, 6, rtol=1e-10, method="auto")  # the next image: known, no build
+    assert again.reason == f"{ran.reason} (on an earlier image of this model)"
 
 
 def _occlude(m, x, size, stride, **kw):

@@ -211,8 +211,8 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
         ts = [torch.cat([r[1][t] for r in outs])[[at[i] for i in probe]] for t in range(len(outs[0][1]))]
         (ta, na), (tb, nb) = times[0], times[-1]
         c = (tb - ta) / (nb - na) if nb > na else 0.0
-        if not 0 < c <= tb / nb:  # noise: no fixed cost measured
-            return (o, ts), (ta + tb) / (na + nb) if len(times) > 1 else ta / na
+        if not 0 < c <= tb / nb:  # noise, or a single batch: no fixed cost measured
+            return (o, ts), (ta + tb) / (na + nb)
         return (o, ts), (ta - na * c) / B + c
 
     (o_n, tr_n), t_full = timed(naive)
@@ -222,8 +222,9 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
                      f"the probe", rest, None
     left = len(rest) * t_full
     known, speed = memory.get("build"), memory.get("speed")
-    if isinstance(known, str):  # an earlier image found the engine unusable here
-        return None, f"{known} (on an earlier image of this model)", rest, None
+    for verdict in (known, speed):
+        if isinstance(verdict, str):  # an earlier image found the engine unusable here
+            return None, f"{verdict} (on an earlier image of this model)", rest, None
     if known is not None:
         build, how = known, "measured on an earlier image"
     else:
@@ -254,7 +255,7 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
                                               device=x.device).view(-1, 4))
     fraction = float(inc.mean()) / max(full, 1.0)
     if fraction > MAX_FRACTION:
-        memory["build"] = reason = (f"an exact incremental pass would still do {fraction:.0%} of the work of full "
+        memory["speed"] = reason = (f"an exact incremental pass would still do {fraction:.0%} of the work of full "
                                     f"passes (an occluder changes every position early in this network)")
         return None, reason, rest, None
     try:
@@ -343,7 +344,8 @@ def _memory(model, x, tracks, boxes, batch_size) -> _Memory:
 
 
 class _Memory:
-    """A view of one model's memory: "layout" per input, "build" per input and tracked layers, "speed" also
+    """A view of one model's memory: "layout" per input, "build" (seconds, or why the engine cannot be
+    used) per input and tracked layers, "speed" (against full passes, or why the engine cannot win) also
     per boxes and batch size."""
 
     def __init__(self, store: dict, keys: dict):
