@@ -40,10 +40,10 @@ MAX_FRACTION = 0.9  # an incremental pass estimated to do more of the full passe
 # a batch of full passes (1.1-3.7x measured), which bounds the estimate where the one forward timed was
 # a first, cold call.
 BUILD_FORWARDS, BUILD_MODULE_S, TRACE_MODULE_S, FORWARD_PER_POSITION = 2.0, 0.5e-3, 0.75e-3, 4.0
-# The engine is built only where the full passes left would take PAYBACK expected builds: it then pays
-# for itself from 1.5x the speed of full passes, and where it turns out slower (the probe says so) at
-# most a third of the job is lost. After one image of a model its build time and speed are known and
-# decide the next images exactly.
+# The engine is tried (built, then run on the probe) only where the full passes left would take PAYBACK
+# times what a try costs: it then pays for itself from 1.5x the speed of full passes, and where it turns
+# out slower (the probe says so) at most a third of the job is lost. After one image of a model its build
+# time and speed are known and decide the next images exactly.
 PAYBACK = 3.0
 
 
@@ -192,12 +192,15 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     B = max(1, min(batch_size, len(rest)))  # the batches the rest runs in
 
-    def timed(fn):
-        """fn on the probe as two batches (one position, then the others): its results, and its seconds per
-        position in batches of B. A batch costs about o + c x positions (the engine's o, a Python call per
-        graph node, is larger than that of full passes): the seconds per position in batches of 8 put the
-        engine at 0.8-1.1x full passes on three zoo models where in batches of 64 it was 1.7-2.0x."""
-        parts, times = [probe[n // 2:n // 2 + 1], probe[:n // 2] + probe[n // 2 + 1:]], []
+    def timed(fn, split=False):
+        """fn on the probe: its results, and its seconds per position. split: as two batches (one position,
+        then the others), predicting the seconds per position in batches of B: a batch of the engine costs
+        about o + c x positions, o (a Python call per graph node) large: the seconds per position in batches
+        of 8 put the engine at 0.8-1.1x full passes on three zoo models where in batches of 64 it was
+        1.7-2.0x. Full passes gain little from larger batches on the CPU (in batches of 64 they took 0.6-1.5x
+        the time per position of batches of 8 on eight zoo models), so they run the probe as one batch."""
+        parts = [probe[n // 2:n // 2 + 1], probe[:n // 2] + probe[n // 2 + 1:]] if split else [probe, []]
+        times = []
         outs = []
         for part in (p for p in parts if p):
             sync()
@@ -236,10 +239,11 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
         return None, (f"the engine would not pay: it ran at {speed:.2f}x the speed of full passes on an earlier "
                       f"image of this model; the {len(rest)} full passes left take about {left:.2g} s, a build "
                       f"{build:.2g} s"), rest, None
-    if speed is None and left < PAYBACK * build:
+    trial = build + len(probe) * t_full  # a build, and the engine's run of the probe (about a full pass's)
+    if speed is None and left < PAYBACK * trial:
         return None, (f"too few positions for the engine to pay: the {len(rest)} full passes left take about "
-                      f"{left:.2g} s, building the engine about {build:.2g} s ({how}; it is built where they "
-                      f"take {PAYBACK:g}x that)"), rest, None
+                      f"{left:.2g} s, building the engine and timing it on the probe about {trial:.2g} s "
+                      f"({how}; it is tried where they take {PAYBACK:g}x that)"), rest, None
     try:
         trace(model)  # timed apart: the next image finds it kept
     except Unsupported:
@@ -259,7 +263,7 @@ def _auto(model, x, boxes, tracks, base, ref, t_ref, memory, incremental, naive,
                                     f"passes (an occluder changes every position early in this network)")
         return None, reason, rest, None
     try:
-        (o_i, tr_i), t_inc = timed(lambda chunk: incremental(chunk, engine))
+        (o_i, tr_i), t_inc = timed(lambda chunk: incremental(chunk, engine), split=True)
     except Exception as e:
         return None, f"the incremental engine failed on its first positions ({describe(e)})", rest, None
     diff = max(_relative(a, b) for a, b in zip([o_i, *tr_i], [o_n, *tr_n]))
