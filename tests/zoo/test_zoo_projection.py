@@ -27,6 +27,7 @@ import torch.nn as nn
 from zoo_models import NAMES, SIZE, build
 
 from zfnet.data.images import ImageDataset, Preprocess, load_image
+from zfnet.engine import passes
 from zfnet.engine.mine import mine
 from zfnet.engine.project import project
 from zfnet.inspect.layers import layer_table, parse_unit
@@ -296,10 +297,13 @@ def projections_equal_the_reference(name, depth, photos):
     results = {}
     for mode in ("deconv", "guided", "saliency"):
         ours = project(model, x[:1], [unit], mode)[0, 0]
+        # The reference runs in the layout the engine's passes ran in (channels last on the CPU, unless the
+        # model refused it): in float32 another summation order can flip a near-tied max-pool switch.
+        xr = x[:1].contiguous(memory_format=passes._LAYOUT.get(model, torch.channels_last))
         if mode == "saliency" or captum_applies(model):
-            ref = captum_reference(twin, target, x, unit, mode)
+            ref = captum_reference(twin, target, xr, unit, mode)
         else:
-            ref = hooked_reference(model, x, layer, unit, mode)
+            ref = hooked_reference(model, xr, layer, unit, mode)
         scale = ref.abs().max().item()
         assert scale > 0, f"{name} {unit} {mode}: the reference is zero"
         diff = (ours - ref).abs().max().item()
