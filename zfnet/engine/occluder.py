@@ -31,7 +31,7 @@ METHODS = ("auto", "incremental", "naive")
 PROBE = 8  # positions run both ways to choose the method
 MAX_FRACTION = 0.9  # an incremental pass estimated to do more of the full passes' work cannot win
 # What building the engine costs, measured (process time, one thread, under load) on the 20 zoo models,
-# SqueezeNet 1.1 and ZFNet at 128 and 224 px: the fx trace 0.2-0.75 ms per module (0.03 s on ResNet-50,
+# at 128 and 224 px (not on SqueezeNet 1.1 or ZFNet): the fx trace 0.2-0.75 ms per module (0.03 s on ResNet-50,
 # 0.12 s on DenseNet-121, 0.24 s on timm's EfficientNet-B0); the replay of the graph on the clean image
 # 1.0-1.9x one forward pass of the image plus up to 0.5 ms per module (RegNetX-002: 600 small ops,
 # 0.17 s for a 0.026 s forward). That is 1.3-18x the time of one position of full passes. The estimate
