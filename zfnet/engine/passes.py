@@ -188,7 +188,6 @@ def _batch(model, sources, rows: list[list[Job]], rules, seed, score, emit, coun
                          else torch.contiguous_format)
     while True:
         leaf = x.contiguous(memory_format=layout).detach().requires_grad_(True)
-        mark = rules.mark()
         try:
             # A clone keeps the leaf out of reach of a model whose first op is in place.
             acts, out, rec = _forward(model, leaf.clone(), layers, output, rules)
@@ -197,7 +196,6 @@ def _batch(model, sources, rows: list[list[Job]], rules, seed, score, emit, coun
             if layout == torch.contiguous_format:
                 raise
             layout = _LAYOUT[model] = torch.contiguous_format  # e.g. a .view() that needs default strides
-            rules.forget_since(mark)
     counts.forward_rows += len(rows)
     scores = _scores(out, rec, score, counts) if output else None
     units = {id(j): [plan.local(u, j.place) if plan is not None else u for u, _ in j.terms] for j in all_jobs}

@@ -151,14 +151,6 @@ class BackwardRules(TorchFunctionMode):
         unruled = [k for k in names if k not in KINDS] if self.mode != "saliency" else []
         return {"mode": self.mode, "kinds": kinds, "unruled": unruled}
 
-    def mark(self):
-        """What has been recorded so far (for `forget_since`)."""
-        return self.calls.copy(), len(self._roles)
-
-    def forget_since(self, mark):
-        """Drop what was recorded after `mark`: a pass that failed and runs again is not counted twice."""
-        self.calls, self._roles[:] = mark[0], self._roles[:mark[1]]
-
     def _met(self, kind: str):
         self.calls[kind] += 1
         if kind not in KINDS and self.mode != "saliency":
