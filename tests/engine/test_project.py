@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zfnet.core.errors import ZfnetError
 from zfnet.engine.project import project
 from zfnet.inspect.layers import layer_table, parse_unit, run_with_taps
 from zfnet.models.networks import zfnet
@@ -652,3 +653,40 @@ def test_cli_project_seed_target_aggregate_smooth(tmp_path, extra, slug, kw):
     ref = ref[0, 0] if ref.dim() == 5 else ref[0]
     assert raw.shape == (1, 3, 224, 224) and ref.abs().max() > 0
     assert np.abs(raw[0] - ref.numpy()).max() <= 1e-5 * ref.abs().max().item()
+
+
+def test_crop_rule_weighs_the_projections_that_share_an_image(squeezenet, photo):
+    """features.11 of SqueezeNet: an interior crop keeps 67 % of the image. One projection per image is
+    cropped (two passes on 67 % beat a forward and a backward of the whole); with many per image the whole
+    image's forward is shared and one backward each costs less than two passes on the crop."""
+    from zfnet.engine.crop import plan_crop, worth
+
+    table = layer_table(squeezenet, 224)
+    assert worth(1) == 0.8 and worth(2) == 0.75 and worth(9) < 0.6
+    alone = plan_crop(squeezenet, table, "features.11", share=1)
+    shared = plan_crop(squeezenet, table, "features.11", share=4)
+    hc, wc = alone.input_shape
+    assert 0.6 < hc * wc / 224 ** 2 < 0.7
+    assert shared.axes is None and "4.0 projections share each image" in shared.reason
+    units = [f"features.11:{c}@6,6" for c in range(4)]
+    got, info = project(squeezenet, photo, units, return_info=True)  # four units on one image
+    assert info.crops["features.11"] == shared.reason and info.forward_rows == 1
+    one, info1 = project(squeezenet, photo, units[:1], return_info=True)
+    assert info1.crops["features.11"] == alone.reason
+    torch.testing.assert_close(got[:, :1], one, rtol=1e-4, atol=1e-4 * float(one.abs().max()))
+
+
+def test_each_streams_the_projections_it_would_return(zf):
+    model, x = zf
+    x = torch.cat([x, x.flip(-1)])
+    units = ["relu2:3@4,4", "relu5:1", "relu1:0@0,0", "relu2:3@4,4"]
+    want = project(model, x[[0, 1, 1, 0]], units, pairs=True, seed="one")
+    got = {}
+    assert project(model, x[[0, 1, 1, 0]], units, pairs=True, seed="one",
+                   each=lambda i, g: got.setdefault(i, g.clone())) is None
+    assert sorted(got) == [0, 1, 2, 3]
+    for i in range(4):
+        assert want[i].abs().max() > 0
+        torch.testing.assert_close(got[i], want[i])
+    with pytest.raises(ZfnetError, match="each= streams"):
+        project(model, x, units[:1], smooth="smoothgrad", each=lambda i, g: None)

@@ -367,3 +367,20 @@ def test_deep_tiles_show_their_structure(squeezenet, tmp_path, monkeypatch):
     stretched = contrast(Q_STRETCH, tmp_path / "q")
     by_max = contrast(1.0, tmp_path / "max")
     assert stretched >= 0.08 and stretched >= 2.5 * by_max, (stretched, by_max)
+
+
+def test_chunks_hold_whole_units_within_their_bounds(monkeypatch):
+    import zfnet.understanding.atlas_tiles as tiles_mod
+
+    class Mined:  # unit c's top entries: images c .. c + 2
+        def top(self, layer, c, k):
+            return [{"index": c + j} for j in range(min(k, 3))]
+
+    monkeypatch.setattr(tiles_mod, "CHUNK_PAIRS", 7)
+    got = tiles_mod.chunks(Mined(), "l", list(range(6)), 3, image_bytes=1)
+    assert got == [[0, 1], [2, 3], [4, 5]]  # 6 projections each: a third unit would make 9 > 7
+    monkeypatch.setattr(tiles_mod, "CHUNK_PAIRS", 100)
+    monkeypatch.setattr(tiles_mod, "CHUNK_INPUT_BYTES", 5)
+    got = tiles_mod.chunks(Mined(), "l", list(range(6)), 3, image_bytes=1)
+    assert got == [[0, 1, 2], [3, 4, 5]]  # images 0..4, then 3..7: at most 5 distinct images each
+    assert tiles_mod.chunks(Mined(), "l", [7], 3, image_bytes=10) == [[7]]  # a unit alone may exceed it

@@ -14,9 +14,13 @@ One rule for every caller (the atlas, the bench, `zfnet project`): per axis a cr
 lengths, the field size plus its start's offset from the grid for interior units (crop start rounded down
 to the grid), the field size from the first border, and from a grid position before every field that
 crosses the last border to that border; so the units of a layer batch in at most a few shapes, each
-cropped about as close as exactness allows. A layer is cropped where an interior crop keeps at most 80 %
-of the image; above that, projections of units on one image share one forward pass instead (measured on
-the projection bench: cropping further inside the network, at intermediate layers, did not pay on CPU).
+cropped about as close as exactness allows. Whether a layer is cropped weighs what a crop saves against what
+sharing saves (`worth`): a cropped projection runs a forward and a backward pass on a fraction a of the
+image, about 2a backward passes of the whole image; whole-image projections of a layer share each image's
+forward pass, so with `share` of them per image each costs one backward plus 1 / share of a forward.
+Crop where 2a <= 1 + 1 / share, and never above a = 80 % (measured on the projection bench: smaller
+batches and gathers cost the rest); cropping further inside the network, at intermediate layers, did not
+pay on CPU.
 This holds for ops that act on a sliding window or pointwise (conv, pools, pads, ReLU-likes, batch norm
 in eval, LRN, concatenation, sums); a model that runs anything else on the image's data before the unit's
 layer (adaptive pooling, interpolation, reshapes, global means, an SE gate...) is not cropped, and the
@@ -34,9 +38,15 @@ from torch.overrides import TorchFunctionMode
 
 from ..inspect.layers import LayerTable, Unit
 
-__all__ = ["Axis", "CropPlan", "plan_crop", "croppable", "probe", "take"]
+__all__ = ["Axis", "CropPlan", "plan_crop", "worth", "croppable", "probe", "take"]
 
-_WORTH = 0.8  # crop where an interior unit's crop keeps at most this fraction of the image
+_WORTH = 0.8  # never crop where an interior unit's crop keeps more than this fraction of the image
+
+
+def worth(share: float = 1.0) -> float:
+    """The largest fraction of the image an interior crop may keep for its layer to be cropped, when `share`
+    projections of the layer come on each image (see the module docstring)."""
+    return min(_WORTH, (1 + 1 / max(share, 1.0)) / 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,13 +214,14 @@ class CropPlan:
 
 
 def plan_crop(model: nn.Module, table: LayerTable, layer: str | Unit, size: tuple[int, int] | None = None,
-              in_channels: int = 3) -> CropPlan:
+              in_channels: int = 3, share: float = 1.0) -> CropPlan:
     """The crop plan for single activations of `layer` (one per layer: every location shares it).
 
     Args:
         model, table: the model in its projection state (eval) and its layer table.
         layer: a layer name (or a Unit, for its layer).
         size: the input size (default: the table's).
+        share: projections of the layer per image in the call (whole-image ones would share its forward).
     Returns: a CropPlan; `axes` is None where nothing is cropped, and `reason` says why.
     """
     layer = layer.layer if isinstance(layer, Unit) else layer
@@ -223,9 +234,12 @@ def plan_crop(model: nn.Module, table: LayerTable, layer: str | Unit, size: tupl
         return CropPlan(layer, None, "not cropped: the layer has no local receptive field")
     axes = (Axis(f.jump_y, f.start_y, f.size_y, h), Axis(f.jump_x, f.start_x, f.size_x, w))
     ly, lx = axes[0].interior, axes[1].interior
-    if ly * lx > _WORTH * h * w:
-        return CropPlan(layer, None, f"not cropped: the receptive field ({f.size_y}x{f.size_x}) covers about the "
-                                     f"whole {h}x{w} input; projections on one image share their forward pass")
+    keep, limit = ly * lx / (h * w), worth(share)
+    if keep > limit:
+        why = (f"the receptive field ({f.size_y}x{f.size_x}) covers about the whole {h}x{w} input" if keep > _WORTH
+               else f"a crop would keep {keep:.0%} of the {h}x{w} input and {share:.1f} projections share each "
+                    f"image (crop at most {limit:.0%})")
+        return CropPlan(layer, None, f"not cropped: {why}; projections on one image share their forward pass")
     return CropPlan(layer, axes, f"cropped to the receptive field: {ly}x{lx} of {h}x{w} for interior units")
 
 

@@ -16,7 +16,7 @@ import math
 import sys
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -74,7 +74,7 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
             target: int | Sequence[int] | torch.Tensor | None = None, score: str = "logit",
             aggregate: bool = False, smooth: str | None = None, samples: int = 50, sigma: float = 0.15,
             noise_seed: int = 0, window: bool = False, rows: Sequence[int] | None = None,
-            return_info: bool = False):
+            each: Callable[[int, torch.Tensor], None] | None = None, return_info: bool = False):
     """Project units (or an output class score) back to input space.
 
     Args:
@@ -115,9 +115,12 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         window: return each projection's receptive-field window only, (..., C, field h, field w), zeros
             where the field leaves the image (nothing outside the field reaches the unit, so nothing is
             lost): single activations of one layer; a fraction of the memory for small fields.
+        each: stream the projections instead of returning them: each(i, projection) as soon as projection i
+            (flat index into the result's leading dimensions) is ready; the tensor is reused afterwards, so
+            copy what you keep. Memory for one projection instead of all (not with smooth=).
         return_info: also return a ProjectionInfo.
     Returns: the projections, in the images' dtype and device; (projections, ProjectionInfo) with
-        return_info.
+        return_info; with `each`, None (or the ProjectionInfo).
     """
     if mode not in MODES:
         raise ZfnetError(f"unknown projection mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -133,6 +136,8 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
     if smooth is not None and (int(samples) != samples or samples < 1 or not (sigma >= 0 and math.isfinite(sigma))):
         raise ZfnetError(f"smoothing needs samples >= 1 and a finite sigma >= 0 (got samples={samples}, "
                          f"sigma={sigma})")
+    if each is not None and smooth is not None:
+        raise ZfnetError("each= streams finished projections: not with smooth= (its projections are averages)")
     if aggregate and (pairs or target is not None):
         raise ZfnetError("aggregate sums several units on each image: not with pairs=True or a target")
     n, c, h, w = images.shape
@@ -141,7 +146,8 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         # model in train mode.
         table = layer_table(model, (h, w), in_channels=c)
         units = [parse_unit(u, table) for u in units] if units is not None else []
-        src = _pair_rows(rows, pairs, len(units), n)
+        given = _pair_rows(rows, pairs, len(units), n)
+        src = _same_images(images, given) if given is not None and smooth is None else given
         targets = _targets(target, n)
         seed_name, values = _seed_values(seed, len(src) if pairs else n, len(units), target is not None, pairs,
                                          aggregate)
@@ -149,22 +155,29 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         jobs, shape = _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c)
         info.projections = len(jobs)
         field = _window_field(table, units, window, target)
-        out = images.new_zeros((len(jobs), c) + ((field.size_y, field.size_x) if field else (h, w)))
+        out = images.new_zeros((1 if each else len(jobs), c) + ((field.size_y, field.size_x) if field else (h, w)))
         rules = BackwardRules(mode, pass_norm=(mode == "deconv" and not backprop_norm))
         counts = Counts()
         run = dict(rules=rules, seed=seed_name, score=score, pixel_budget=_PIXEL_BUDGET, batch_size=batch_size,
                    counts=counts)
         if smooth is None:
-            if pairs and rows is None:
-                _dedupe(images, jobs)
             put = _placer(field)
-            run_jobs(model, images, jobs, emit=lambda job, g, box: put(out[job.slot], job, g, box), **run)
+            if each is None:
+                run_jobs(model, images, jobs, emit=lambda job, g, box: put(out[job.slot], job, g, box), **run)
+            else:
+                def emit(job, g, box):
+                    out[0].zero_()
+                    put(out[0], job, g, box)
+                    each(job.slot, out[0])
+                run_jobs(model, images, jobs, emit=emit, **run)
         else:
             info.smooth = {"kind": smooth, "samples": int(samples), "sigma": float(sigma), "noise_seed": noise_seed}
             _smoothed(model, images, jobs, out, smooth, int(samples), float(sigma), noise_seed, run, _placer(field))
     info.forward_rows, info.backward_rows, info.score_source = counts.forward_rows, counts.backward_rows, \
         counts.score_source
-    _report_zero_seeds(model, counts, jobs, info, units, targets, src, aggregate)
+    _report_zero_seeds(model, counts, jobs, info, units, targets, given, aggregate)
+    if each is not None:
+        return info if return_info else None
     out = out.view(*shape, *out.shape[1:])
     return (out, info) if return_info else out
 
@@ -228,7 +241,7 @@ def _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c
         if not crop or u.y is None:
             return None
         if u.layer not in plans:
-            plans[u.layer] = p = plan_crop(model, table, u.layer, in_channels=channels)
+            plans[u.layer] = p = plan_crop(model, table, u.layer, in_channels=channels, share=share[u.layer])
             info.crops[u.layer] = p.reason
             if p.axes is None and "whole" not in p.reason and table[u.layer].height * table[u.layer].width > 1:
                 _note_once(model, f"crop:{u.layer}", f"{u.layer}: {p.reason}; its projections are computed on "
@@ -245,6 +258,7 @@ def _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c
         return j
 
     plans: dict = {}
+    share = _share(units, src)
     if not crop:
         info.crops = {u.layer: "not cropped: crop=False" for u in units if u.y is not None}
     val = (lambda i, k: None) if values is None else (lambda i, k: values[i][k] if isinstance(values[i], list)
@@ -260,31 +274,33 @@ def _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c
         (n, len(units))
 
 
-def _dedupe(images: torch.Tensor, jobs: list[Job]):
-    """Rows with equal pixels become one source where their jobs can share a forward pass (the atlas
-    sends one row per (unit, image) pair, so an image comes once for each of its units). Candidates have
-    equal strided samples and the same cut; they are compared exactly on what the pass reads."""
+def _share(units, src) -> dict[str, float]:
+    """Projections of single activations per image, by layer: what the crop rule weighs (zfnet.engine.crop)."""
+    share: dict[str, float] = {}
+    for layer in {u.layer for u in units if u.y is not None}:
+        if src is None:  # every unit on every image
+            share[layer] = float(sum(u.layer == layer and u.y is not None for u in units))
+        else:
+            mine = [r for u, r in zip(units, src) if u.layer == layer and u.y is not None]
+            share[layer] = len(mine) / len(set(mine))
+    return share
+
+
+def _same_images(images: torch.Tensor, src: list[int]) -> list[int]:
+    """Each row's first row with equal pixels, so their projections share a forward pass (a caller may
+    send one image row per (unit, image) pair). Candidates have equal strided samples; they are compared
+    exactly."""
     flat = images.flatten(1)
     stride = max(1, flat.shape[1] // 256)
     keys = [tuple(r) for r in flat[:, ::stride].tolist()]
     reps: dict[tuple, list[int]] = {}
-    for j in jobs:
-        i = j.source
-        box = j.place if j.plan is not None else None
-        cands = reps.setdefault((keys[i], j.place if j.plan is not None else None), [])
-        for r in cands:
-            if r == i:
-                break
-            if box is None:
-                same = torch.equal(images[r], images[i])
-            else:
-                (y0, ly), (x0, lx) = box
-                same = torch.equal(images[r, :, y0:y0 + ly, x0:x0 + lx], images[i, :, y0:y0 + ly, x0:x0 + lx])
-            if same:
-                j.source = r
-                break
-        else:
+    first: dict[int, int] = {}
+    for i in sorted(set(src)):
+        cands = reps.setdefault(keys[i], [])
+        first[i] = next((r for r in cands if torch.equal(images[r], images[i])), i)
+        if first[i] == i:
             cands.append(i)
+    return [first[i] for i in src]
 
 
 def _window_field(table, units, window: bool, target):

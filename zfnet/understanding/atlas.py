@@ -46,6 +46,7 @@ from ..inspect.layers import feature_layers, file_safe, layer_table
 from ..models.weights import model_meta
 from ..present.render import PICTURE_EXT
 from .atlas_tiles import (
+    CHUNK_INPUT_BYTES,
     CHUNK_PAIRS,
     Inputs,
     chunks,
@@ -103,7 +104,7 @@ def _dataset(data, preprocess: Preprocess) -> ImageDataset:
 def _run_key(model, mined: MineResult, layers, k, mode, tile, seed, figure_units) -> str:
     """What the projection phase's files depend on: a resumed run continues only when it matches."""
     h = hashlib.sha256(model_fingerprint(model).encode())
-    h.update(f"{layers}|{k}|{mode}|{tile}|{seed}|{figure_units}|{CHUNK_PAIRS}|{PICTURE_EXT}".encode())
+    h.update(f"{layers}|{k}|{mode}|{tile}|{seed}|{figure_units}|{CHUNK_PAIRS}|{CHUNK_INPUT_BYTES}|{PICTURE_EXT}".encode())
     h.update("\n".join(mined.paths).encode())
     for name in layers:
         for key in ("image", "y", "x"):
@@ -228,13 +229,14 @@ def atlas(model: nn.Module, data, out: str | os.PathLike, layers: list[str] | No
 
     # ---- projection phase: chunks of whole units, ranks share the channels
     inputs = Inputs(dataset, out, cache_bytes)
+    image_bytes = 3 * size[0] * size[1] * p.element_size()
     todo = {}
     for name in layers:
         if name in done:
             continue
         C = mined.layers[name]["value"].shape[0]
         mine_ch = [c for c in range(C) if c % world == rank]
-        todo[name] = [ch for ch in chunks(mine_ch, k)
+        todo[name] = [ch for ch in chunks(mined, name, mine_ch, k, image_bytes)
                       if not all((out / unit_picture(name, c)).exists() for c in ch)]
     total = sum(len(mined.top(n, c, k)) for n, cs in todo.items() for ch in cs for c in ch)
     bar = progress_bar(total=total, desc="project", unit="proj", enabled=progress)

@@ -28,9 +28,12 @@ from ..present.tiles import TileLayout, image_tiles, paste_fields, projection_ti
 
 __all__ = ["Inputs", "layer_layout", "field_box", "unit_picture", "image_view", "project_units", "layer_panel"]
 
-# (unit, image) projections per chunk: bounds the memory of a chunk's inputs and outputs (512 whole 224 px
-# projections: 300 MB); the more units a chunk holds, the more of them share an image's forward pass.
-CHUNK_PAIRS = 512
+# A chunk's size: the more units it holds, the more of their projections share an image's forward pass (the
+# engine also crops less where many share one). Its projections stream into tiles (a few KB each, kept until
+# the chunk's sprites are written); its distinct input images are stacked for the engine.
+CHUNK_PAIRS = 4096
+CHUNK_INPUT_BYTES = 640 << 20  # about a thousand 224 px images in float32
+TILE_BATCH = 256  # projections turned into tiles together
 
 
 def unit_picture(layer: str, channel: int) -> str:
@@ -112,10 +115,21 @@ class Inputs:
 
 
 # ----------------------------------------------------------------------------------------------------
-def chunks(channels: list[int], k: int) -> list[list[int]]:
-    """Channels in groups of whole units, about CHUNK_PAIRS projections each (fixed composition)."""
-    per = max(1, CHUNK_PAIRS // k)
-    return [channels[s:s + per] for s in range(0, len(channels), per)]
+def chunks(mined: MineResult, layer: str, channels: list[int], k: int, image_bytes: int) -> list[list[int]]:
+    """Channels in groups of whole units, in order, each of at most CHUNK_PAIRS projections and
+    CHUNK_INPUT_BYTES of distinct images (a fixed composition for one mining result: a resumed run
+    computes every chunk with the same inputs)."""
+    out, cur, pairs, images = [], [], 0, set()
+    for c in channels:
+        top = mined.top(layer, c, k)
+        ids = {e["index"] for e in top}
+        if cur and (pairs + len(top) > CHUNK_PAIRS or len(images | ids) * image_bytes > CHUNK_INPUT_BYTES):
+            out.append(cur)
+            cur, pairs, images = [], 0, set()
+        cur.append(c)
+        pairs += len(top)
+        images |= ids
+    return out + [cur] if cur else out
 
 
 def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout: TileLayout, inputs: Inputs,
@@ -129,16 +143,31 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
                    for j, e in enumerate(mined.top(layer, c, k)))
     tiles: dict[tuple[int, int], np.ndarray] = {}
     ok = [p for p in pairs if inputs.get(p[0]) is not None]  # a file that changed since mining: no tile
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (pair, its field canvas, mask)
+
+    def tile_pending():
+        if pending:
+            canvas, mask = torch.cat([p[1] for p in pending]), torch.cat([p[2] for p in pending])
+            for (i, _, _), t in zip(pending, projection_tiles(canvas, mask, layout)):
+                tiles[ok[i][1], ok[i][2]] = t
+            if bar is not None:
+                bar.update(len(pending))
+            pending.clear()
+
+    def each(i: int, g: torch.Tensor):  # streamed: the chunk never holds its whole-image projections
+        box, offset = geo[i]
+        pending.append((i, *paste_fields(g[None].float().cpu(), [0], [box], [offset], layout)))
+        if len(pending) >= TILE_BATCH:
+            tile_pending()
+
     if ok:
         images = sorted({p[0] for p in ok})  # each image once: its projections share the engine's passes
         row = {i: r for r, i in enumerate(images)}
         x = torch.stack([inputs.get(i) for i in images]).to(device, dtype)
-        g = project(model, x, [p[3] for p in ok], mode, pairs=True, rows=[row[p[0]] for p in ok]).float().cpu()
-        del x
         geo = [field_box(info, u.y, u.x, (H, W), layout) for *_, u in ok]
-        canvas, mask = paste_fields(g, list(range(len(ok))), [b for b, _ in geo], [o for _, o in geo], layout)
-        for (_, c, j, _), t in zip(ok, projection_tiles(canvas, mask, layout)):
-            tiles[c, j] = t
+        project(model, x, [p[3] for p in ok], mode, pairs=True, rows=[row[p[0]] for p in ok], each=each)
+        del x
+        tile_pending()
     for i in sorted({p[0] for p in ok}):  # views first: a unit's sprite on disk implies its images
         inputs.write_view(i)
     for c in channels:
@@ -147,7 +176,7 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
         save_picture(sprite([tiles.get((c, j), blank) for j in range(n)], layout, k), out / unit_picture(layer, c),
                      quality=80)
     if bar is not None:
-        bar.update(len(pairs))
+        bar.update(len(pairs) - len(ok))  # the entries whose image could not be read
     return len(pairs)
 
 
