@@ -121,7 +121,9 @@ def save_picture(rgb: np.ndarray, path: str | os.PathLike, quality: int = 85) ->
     """Write a uint8 RGB array as a compact lossy picture (format from the suffix: .webp or .jpg), atomically."""
     path = Path(path)
     fmt = "WEBP" if path.suffix.lower() == ".webp" else "JPEG"
-    extra = {"method": 4} if fmt == "WEBP" else {"subsampling": 0, "optimize": True}  # 4:4:4 colour
+    # WebP's encoder effort 2 (of 0-6): half the time of its default 4 for 4 % more bytes (sprites of the demo
+    # atlas: 6.7 against 13.2 ms each; an atlas writes thousands). JPEG: 4:4:4 colour.
+    extra = {"method": 2} if fmt == "WEBP" else {"subsampling": 0, "optimize": True}
     with atomic_path(path, suffix=path.suffix) as tmp:
         Image.fromarray(np.ascontiguousarray(rgb)).save(tmp, format=fmt, quality=quality, **extra)
     return path
