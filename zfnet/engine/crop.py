@@ -240,11 +240,13 @@ def plan_crop(model: nn.Module, table: LayerTable, layer: str | Unit, size: tupl
     axes = (Axis(f.jump_y, f.start_y, f.size_y, h), Axis(f.jump_x, f.start_x, f.size_x, w))
     ly, lx = axes[0].interior, axes[1].interior
     keep, limit = ly * lx / (h * w), worth(share)
-    if keep > limit:
-        why = (f"the receptive field ({f.size_y}x{f.size_x}) covers about the whole {h}x{w} input" if keep > _WORTH
-               else f"a crop would keep {keep:.0%} of the {h}x{w} input and {share:.1f} projections share each "
-                    f"image (crop at most {limit:.0%})")
-        return CropPlan(layer, None, f"not cropped: {why}; projections on one image share their forward pass")
+    if keep > _WORTH:
+        return CropPlan(layer, None, f"not cropped: the receptive field ({f.size_y}x{f.size_x}) covers about the "
+                                     f"whole {h}x{w} input; projections on one image share their forward pass")
+    if keep > limit:  # a choice of speed, not a limit of the model: nothing to warn about
+        return CropPlan(layer, None, f"whole image, cheaper here: a crop would keep {keep:.0%} of the {h}x{w} input "
+                                     f"and {share:.1f} projections share each image's forward pass (crop at most "
+                                     f"{limit:.0%})")
     return CropPlan(layer, axes, f"cropped to the receptive field: {ly}x{lx} of {h}x{w} for interior units")
 
 
