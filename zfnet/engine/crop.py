@@ -202,6 +202,7 @@ class CropPlan:
     layer: str
     axes: tuple[Axis, Axis] | None
     reason: str
+    limited: bool = False  # not cropped because the model cannot be (not a choice of speed): callers say so
 
     @property
     def input_shape(self) -> tuple[int, int] | None:
@@ -234,16 +235,16 @@ def plan_crop(model: nn.Module, table: LayerTable, layer: str | Unit, size: tupl
     f = table[layer].field
     why = _not_local(probe(model, (h, w), in_channels), layer)
     if why:
-        return CropPlan(layer, None, f"not cropped: {why}")
+        return CropPlan(layer, None, f"not cropped: {why}", limited=True)
     if f is None:
-        return CropPlan(layer, None, "not cropped: the layer has no local receptive field")
+        return CropPlan(layer, None, "not cropped: the layer has no local receptive field", limited=True)
     axes = (Axis(f.jump_y, f.start_y, f.size_y, h), Axis(f.jump_x, f.start_x, f.size_x, w))
     ly, lx = axes[0].interior, axes[1].interior
     keep, limit = ly * lx / (h * w), worth(share)
     if keep > _WORTH:
         return CropPlan(layer, None, f"not cropped: the receptive field ({f.size_y}x{f.size_x}) covers about the "
                                      f"whole {h}x{w} input; projections on one image share their forward pass")
-    if keep > limit:  # a choice of speed, not a limit of the model: nothing to warn about
+    if keep > limit:  # a choice of speed, not a limit of the model
         return CropPlan(layer, None, f"whole image, cheaper here: a crop would keep {keep:.0%} of the {h}x{w} input "
                                      f"and {share:.1f} projections share each image's forward pass (crop at most "
                                      f"{limit:.0%})")

@@ -243,7 +243,7 @@ def _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c
         if u.layer not in plans:
             plans[u.layer] = p = plan_crop(model, table, u.layer, in_channels=channels, share=share[u.layer])
             info.crops[u.layer] = p.reason
-            if p.axes is None and "whole" not in p.reason and table[u.layer].height * table[u.layer].width > 1:
+            if p.limited and table[u.layer].height * table[u.layer].width > 1:
                 _note_once(model, f"crop:{u.layer}", f"{u.layer}: {p.reason}; its projections are computed on "
                                                      f"the whole image (exact, slower)")
         p = plans[u.layer]

@@ -123,7 +123,8 @@ def chunks(mined: MineResult, layer: str, channels: list[int], k: int, image_byt
     for c in channels:
         top = mined.top(layer, c, k)
         ids = {e["index"] for e in top}
-        if cur and (pairs + len(top) > CHUNK_PAIRS or len(images | ids) * image_bytes > CHUNK_INPUT_BYTES):
+        if cur and (pairs + len(top) > CHUNK_PAIRS
+                    or (len(images) + len(ids - images)) * image_bytes > CHUNK_INPUT_BYTES):
             out.append(cur)
             cur, pairs, images = [], 0, set()
         cur.append(c)
