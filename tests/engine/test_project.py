@@ -691,3 +691,14 @@ def test_each_streams_the_projections_it_would_return(zf):
         torch.testing.assert_close(got[i], want[i])
     with pytest.raises(ZfnetError, match="each= streams"):
         project(model, x, units[:1], smooth="smoothgrad", each=lambda i, g: None)
+
+
+def test_a_layer_that_cannot_be_cropped_says_so_once_and_a_cheaper_whole_image_does_not(squeezenet, photo, capfd):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(12), nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    _, info = project(model, x, ["3:1@4,4", "3:2@5,5"], return_info=True)
+    assert info.crops["3"].startswith("not cropped: adaptive_avg_pool2d runs before it")
+    err = capfd.readouterr().err
+    assert err.count("its projections are computed on the whole image") == 1
+    project(squeezenet, photo, [f"features.11:{c}@6,6" for c in range(20)])  # whole image: cheaper, not forced
+    assert "computed on the whole image" not in capfd.readouterr().err
