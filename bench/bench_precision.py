@@ -2,12 +2,13 @@
 against float32, in the same run (SqueezeNet 1.1, real weights and photos where ../shared has them).
 
 The CPUs of this project's machine have AVX512-BF16, where a bfloat16 forward + backward of SqueezeNet runs
-about 2x faster than float32. The projections of located units (the atlas workload: several units per image,
-each at its strongest location) are timed in both precisions and compared: the relative L2 error of each
-projection and the share of rendered tile pixels (zfnet.present.tiles) that differ by more than 2 levels.
+about 2x faster than float32. The projections of bench_project's atlas workload (per layer, 9 units, each
+projected at its strongest activation on 9 images: bench_project.workload) are timed in both precisions and
+compared: the relative L2 error of each projection and the share of rendered tile pixels
+(zfnet.present.tiles) that differ by more than 2 levels.
 
-    python bench/bench_precision.py            # features.4, .10, .12 on 16 photos
-    python bench/bench_precision.py --quick    # features.4 on 4 photos
+    python bench/bench_precision.py            # features.4, .10, .12; 9 units x 9 of 40 photos
+    python bench/bench_precision.py --quick    # features.4; 3 units x 3 of 10 photos
 Last line: ratio = float32 seconds / bfloat16 seconds.
 """
 
@@ -24,9 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zfnet.data.images import Preprocess, as_input  # noqa: E402
+from bench_project import workload  # noqa: E402
+
+from zfnet.data.images import Preprocess, load_image  # noqa: E402
 from zfnet.engine.project import project  # noqa: E402
-from zfnet.inspect.layers import Unit, run_with_taps  # noqa: E402
 from zfnet.models.weights import load_model  # noqa: E402
 from zfnet.present.tiles import TileLayout, projection_tiles  # noqa: E402
 
@@ -37,30 +39,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    torch.set_num_threads(2)
     weights = SHARED / "weights" / "squeezenet1_1.pth"
     model = load_model("squeezenet1_1", str(weights) if weights.exists() else None)
-    files = sorted((SHARED / "data" / "imagenet-samples").glob("*.jpg"))[::50][:4 if args.quick else 16]
-    pre = Preprocess.for_model(model)
-    x = (torch.stack([as_input(f, pre)[1] for f in files]) if files
-         else torch.randn(4 if args.quick else 16, 3, 224, 224))
+    files = sorted((SHARED / "data" / "imagenet-samples").glob("*.jpg"))[:: 100 if args.quick else 25]
+    prep = Preprocess.for_model(model)
+    pool = (torch.stack([prep(load_image(f)) for f in files]) if files
+            else torch.randn(10 if args.quick else 40, 3, 224, 224))
+    n = 3 if args.quick else 9
     low = copy.deepcopy(model).to(torch.bfloat16)
     total = {"float32": 0.0, "bfloat16": 0.0}
     for layer in ["features.4"] if args.quick else ["features.4", "features.10", "features.12"]:
-        acts = run_with_taps(model, x, [layer])[layer]
-        C = acts.shape[1]
-        units, rows = [], []
-        for i in range(len(x)):  # 24 channels per image, each at its strongest location
-            for c in range(0, C, C // 24):
-                a = acts[i, c]
-                if a.max() > 0:
-                    y, xx = divmod(int(a.argmax()), a.shape[1])
-                    units.append(Unit(layer, c, y, xx))
-                    rows.append(i)
+        x, units = workload(model, pool, layer, n, n)
         got = {}
         for name, m, inp in (("float32", model, x), ("bfloat16", low, x.to(torch.bfloat16))):
-            project(m, inp, units[:8], pairs=True, rows=rows[:8])  # warm-up
+            project(m, inp[:3], units[:3], pairs=True)  # warm-up
             t = time.perf_counter()
-            p = project(m, inp, units, pairs=True, rows=rows).float()
+            p = project(m, inp, units, pairs=True).float()
             got[name] = (time.perf_counter() - t, p)
             total[name] += got[name][0]
         a, b = got["float32"][1], got["bfloat16"][1]
