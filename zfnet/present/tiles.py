@@ -87,7 +87,11 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _to_uint8(rgb01: torch.Tensor, mask: torch.Tensor, layout: TileLayout) -> np.ndarray:
     """[0, 1] canvases (B, C, fh, fw) and their masks -> uint8 tiles (B, th, tw, 3), PAD outside."""
-    x = _resize(rgb01, layout.size)
+    return _tile_uint8(_resize(rgb01, layout.size), mask, layout)
+
+
+def _tile_uint8(x: torch.Tensor, mask: torch.Tensor, layout: TileLayout) -> np.ndarray:
+    """Tile-sized values in [0, 1] (B, C, th, tw) and the field-sized masks -> uint8 tiles, PAD outside."""
     m = _resize(mask, layout.size) > 0.5
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -115,8 +119,12 @@ def projection_tiles(canvas: torch.Tensor, mask: torch.Tensor, layout: TileLayou
     """Projection canvases (B, C, fh, fw) -> uint8 tiles (B, th, tw, 3): 0 at mid grey, +-(the q-quantile
     of |p|) at white / black, clipped beyond."""
     s = stretch_scale(canvas, mask, q).view(-1, 1, 1, 1)
-    shown = 0.5 + 0.5 * torch.where(s > 0, canvas / s.clamp_min(1e-30), torch.zeros_like(canvas)).clamp(-1, 1)
-    return _to_uint8(shown, mask, layout)
+    # Clipped to +-s at the field's resolution, then resized, then mapped to [0, 1]: the map is affine and
+    # the resize linear with weights that sum to 1, so this is the map-then-resize picture (to float
+    # rounding) with one pass over the field-sized canvas instead of six (2 ms a tile of features.12 before).
+    # A tile that is all zeros (s = 0) stays mid grey.
+    shown = _resize(canvas.clamp(-s, s), layout.size).div_(s.clamp_min(1e-30)).mul_(0.5).add_(0.5)
+    return _tile_uint8(shown, mask, layout)
 
 
 def image_tiles(canvas: torch.Tensor, mask: torch.Tensor, layout: TileLayout) -> np.ndarray:
