@@ -198,11 +198,11 @@ def stem_input_grad(g: torch.Tensor, weight: torch.Tensor, stride, padding, size
     (sy, sx), (py, px), (H, W) = stride, padding, size
     wp = phase_weight(weight.to(g.dtype), stride)
     my, mx = wp.shape[-2:]
-    o = F.conv2d(F.pad(g, (mx - 1, mx - 1, my - 1, my - 1)), wp)  # (N, C*sy*sx, h+my-1, w+mx-1)
+    o = F.conv2d(g, wp, padding=(my - 1, mx - 1))  # (N, C*sy*sx, h+my-1, w+mx-1)
     n, _, hq, wq = o.shape
     full = o.view(n, C, sy, sx, hq, wq).permute(0, 1, 4, 2, 5, 3).reshape(n, C, hq * sy, wq * sx)
-    # input rows and columns past the last window get no gradient
-    full = F.pad(full, (0, max(0, px + W - wq * sx), 0, max(0, py + H - hq * sy)))
+    if hq * sy < py + H or wq * sx < px + W:  # input rows and columns past the last window get no gradient
+        full = F.pad(full, (0, max(0, px + W - wq * sx), 0, max(0, py + H - hq * sy)))
     return full[:, :, py:py + H, px:px + W]
 
 
