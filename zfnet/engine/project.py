@@ -159,7 +159,10 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
         jobs, shape = _jobs(model, table, units, targets, values, n, src, aggregate, crop, info, c)
         info.projections = len(jobs)
         field = _window_field(table, units, window, target)
-        out = images.new_zeros((1 if each else len(jobs), c) + ((field.size_y, field.size_x) if field else (h, w)))
+        # Whole-image projections are written whole (put clears what lies outside a crop), so only windows
+        # and averages need a zeroed buffer.
+        alloc = images.new_empty if field is None and smooth is None else images.new_zeros
+        out = alloc((1 if each else len(jobs), c) + ((field.size_y, field.size_x) if field else (h, w)))
         rules = BackwardRules(mode, pass_norm=(mode == "deconv" and not backprop_norm))
         counts = Counts()
         run = dict(rules=rules, seed=seed_name, score=score, pixel_budget=_PIXEL_BUDGET, batch_size=batch_size,
@@ -170,7 +173,8 @@ def project(model: nn.Module, images: torch.Tensor, units: Sequence[str | Unit] 
                 run_jobs(model, images, jobs, emit=lambda job, g, box: put(out[job.slot], job, g, box), **run)
             else:
                 def emit(job, g, box):
-                    out[0].zero_()
+                    if field is not None:
+                        out[0].zero_()
                     put(out[0], job, g, box)
                     each(job.slot, out[0])
                 run_jobs(model, images, jobs, emit=emit, **run)
@@ -323,7 +327,11 @@ def _placer(field):
     whole image or (with a field) the unit's receptive-field window."""
     def put(dest, job: Job, g: torch.Tensor, box):
         (oy, ly), (ox, lx) = box if box is not None else ((0, g.shape[-2]), (0, g.shape[-1]))
-        if field is None:
+        if field is None:  # dest is written whole: zeros around a crop
+            dest[:, :oy] = 0
+            dest[:, oy + ly:] = 0
+            dest[:, oy:oy + ly, :ox] = 0
+            dest[:, oy:oy + ly, ox + lx:] = 0
             dest[:, oy:oy + ly, ox:ox + lx] = g
             return
         u = job.terms[0][0]
