@@ -35,9 +35,9 @@ def test_stem_input_grad_is_the_transposed_convolution(shape):
 
 
 def test_which_convolutions_are_stems():
-    def call(cin, k, s, **kw):
-        conv = nn.Conv2d(cin, 8, k, s, **kw).requires_grad_(False)
-        x = torch.zeros(1, cin, 32, 32)
+    def call(cin, k, s, device="cpu", **kw):
+        conv = nn.Conv2d(cin, 8, k, s, device=device, **kw).requires_grad_(False)
+        x = torch.zeros(1, cin, 32, 32, device=device)
         return B.stem_conv((x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups), {})
 
     assert call(3, 7, 2) is not None and call(3, 11, 4) is not None and call(3, 4, 4) is not None
@@ -45,6 +45,7 @@ def test_which_convolutions_are_stems():
     assert call(3, 7, 1) is None  # no stride: no phases
     assert call(16, 7, 2) is None  # not a stem: oneDNN's own backward is fast there
     assert call(3, 7, 2, dilation=2) is None
+    assert call(3, 7, 2, device="meta") is None  # off the CPU: the device's own backward (not measured there)
 
 
 @pytest.mark.parametrize("mode", ["deconv", "guided", "saliency"])

@@ -170,7 +170,9 @@ def stem_conv(args, kwargs):
     x, weight = args[0], arg(args, kwargs, 1, "weight", None)
     stride, padding = arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 4, "padding", 0)
     dilation, groups = arg(args, kwargs, 5, "dilation", 1), arg(args, kwargs, 6, "groups", 1)
-    if not (isinstance(weight, torch.Tensor) and not weight.requires_grad and x.dim() == 4 and weight.dim() == 4
+    # CPU only: measured against oneDNN; on a GPU cuDNN's own backward is kept (the form is not measured there)
+    if not (x.device.type == "cpu" and isinstance(weight, torch.Tensor) and not weight.requires_grad
+            and x.dim() == 4 and weight.dim() == 4
             and x.shape[1] <= _STEM_CHANNELS and groups == 1 and not isinstance(padding, str)
             and _pair(dilation) == (1, 1)):
         return None
