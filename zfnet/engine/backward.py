@@ -13,7 +13,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..inspect.fields import arg
+from ..inspect.fields import arg, pair
 
 T = torch.Tensor
 
@@ -160,10 +160,6 @@ CONV2D = {F.conv2d, torch.conv2d}
 _STEM_CHANNELS = 4  # input channels of a stem (RGB, RGBA, grey)
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
-
 def stem_conv(args, kwargs):
     """(weight, bias, stride, padding) when this conv2d call is a stem whose input gradient the phase form
     computes faster, else None."""
@@ -174,12 +170,12 @@ def stem_conv(args, kwargs):
     if not (x.device.type == "cpu" and isinstance(weight, torch.Tensor) and not weight.requires_grad
             and x.dim() == 4 and weight.dim() == 4
             and x.shape[1] <= _STEM_CHANNELS and groups == 1 and not isinstance(padding, str)
-            and _pair(dilation) == (1, 1)):
+            and pair(dilation) == (1, 1)):
         return None
-    s, k = _pair(stride), weight.shape[-2:]
+    s, k = pair(stride), weight.shape[-2:]
     if max(s) < 2 or max(k) < 4:
         return None
-    return weight, arg(args, kwargs, 2, "bias", None), s, _pair(padding)
+    return weight, arg(args, kwargs, 2, "bias", None), s, pair(padding)
 
 
 def phase_weight(weight: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:

@@ -149,7 +149,6 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
     ok = [p for p in pairs if inputs.get(p[0]) is not None]  # a file that changed since mining: no tile
     pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (pair, its field canvas, mask)
     fh, fw = layout.field
-    per_batch = max(1, TILE_BYTES // (3 * fh * fw * 4))
 
     def tile_pending():
         if pending:
@@ -163,7 +162,7 @@ def project_units(model, mined: MineResult, layer: str, info: LayerInfo, layout:
     def each(i: int, g: torch.Tensor):  # streamed: the chunk never holds its whole-image projections
         box, offset = geo[i]
         pending.append((i, *paste_fields(g[None].float().cpu(), [0], [box], [offset], layout)))
-        if len(pending) >= per_batch:
+        if len(pending) >= max(1, TILE_BYTES // (g.shape[0] * fh * fw * 4)):  # float32 canvases
             tile_pending()
 
     if ok:
